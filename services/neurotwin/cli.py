@@ -1,0 +1,81 @@
+"""``neurotwin`` command line: a thin dispatcher over ``neurotwin.commands.*``.
+
+Subcommand modules are imported only when chosen, so ``neurotwin predict`` never pays for torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from neurotwin import __version__
+from neurotwin.errors import NeurotwinError
+
+# subcommand -> module under neurotwin.commands
+COMMANDS: dict[str, str] = {
+    "train": "train",
+    "evaluate": "evaluate",
+    "register": "register",
+    "models": "models",
+    "train-generator": "train_generator",
+    "serve": "serve",
+    "predict": "predict",
+    "synthesize": "synthesize",
+    "rig-sim": "rig_sim",
+    "export": "export",
+}
+
+SUMMARIES: dict[str, str] = {
+    "train": "train a digital twin on a recording and add it to the model store",
+    "evaluate": "evaluate a stored twin on a recording",
+    "register": "import an ONNX predictor trained elsewhere as a new store version",
+    "models": "list the model store",
+    "train-generator": "train a natural-image GAN prior",
+    "serve": "run the gRPC services",
+    "predict": "predict firing rates for image files through a running service",
+    "synthesize": "synthesize preferred stimuli for a neuron",
+    "rig-sim": "run a closed-loop session against a simulated neuron",
+    "export": "export a twin to other serving systems (TorchServe)",
+}
+
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
+    parser = argparse.ArgumentParser(prog="neurotwin", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"neurotwin {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    module = None
+    for name, summary in SUMMARIES.items():
+        sub_parser = sub.add_parser(name, help=summary, description=summary)
+        if name == chosen:
+            module = importlib.import_module(f"neurotwin.commands.{COMMANDS[name]}")
+            module.configure(sub_parser)
+            sub_parser.set_defaults(_run=module.run)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, _ = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose + 1, 2),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except NeurotwinError as exc:
+        print(f"neurotwin {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

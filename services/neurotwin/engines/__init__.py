@@ -1,0 +1,1 @@
+"""Engines: batching, model lifecycle, synthesis, optimizers, closed-loop sessions (no gRPC here)."""

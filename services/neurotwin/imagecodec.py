@@ -1,0 +1,71 @@
+"""Image bytes <-> uint8 RGB arrays, with limits that refuse decompression bombs before decoding."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from neurotwin.errors import InvalidInput
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image") -> np.ndarray:
+    """PNG/JPEG (anything Pillow reads) -> uint8 [H, W, 3] RGB.
+
+    The pixel count is read from the header and checked before any pixel is decoded.
+    """
+    if not data:
+        raise InvalidInput(f"{what}: empty image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise InvalidInput(
+                    f"{what}: {width} x {height} pixels exceeds the limit of {max_pixels} decoded pixels"
+                )
+            img.load()
+    except InvalidInput:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(f"{what}: refused as a decompression bomb ({exc})") from exc
+    except Exception as exc:
+        raise InvalidInput(f"{what}: not a decodable image ({type(exc).__name__}: {exc})") from exc
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def encode_image(image: np.ndarray, fmt: str = "png") -> bytes:
+    fmt = fmt.lower()
+    if fmt == "png":
+        return encode_png(image)
+    if fmt in ("jpeg", "jpg"):
+        return encode_jpeg(image)
+    raise InvalidInput(f"image format {fmt!r}: expected 'png' or 'jpeg'")
+
+
+def resize_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of one uint8 [H, W, 3] image (used for stimulus sizes, not in the predictor path)."""
+    if image.shape[:2] == (height, width):
+        return image
+    img = Image.fromarray(image, "RGB").resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)

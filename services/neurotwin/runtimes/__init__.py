@@ -1,0 +1,1 @@
+"""Runtimes: things that compute (ONNX Runtime sessions, torch twins, generators)."""

@@ -1,0 +1,1 @@
+"""Training and export. Never imported by the serving path."""

@@ -50,7 +50,9 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB").save(buf, format="JPEG", quality=quality)
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB").save(
+        buf, format="JPEG", quality=quality
+    )
     return buf.getvalue()
 
 

@@ -174,8 +174,13 @@ def check_predictor_graph(model: object, card: PredictorCard, source: object) ->
         raise ModelStoreError(f"{source}: input {inp.name!r} must be uint8 [N, H, W, 3]")
     channels = in_type.shape.dim[3]
     if channels.HasField("dim_value") and channels.dim_value != card.input.channels:
-        raise ModelStoreError(f"{source}: input has {channels.dim_value} channels, card says {card.input.channels}")
-    if out_type.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) or len(out_type.shape.dim) != 2:
+        raise ModelStoreError(
+            f"{source}: input has {channels.dim_value} channels, card says {card.input.channels}"
+        )
+    if (
+        out_type.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+        or len(out_type.shape.dim) != 2
+    ):
         raise ModelStoreError(f"{source}: output {out.name!r} must be float [N, neurons]")
     neurons = out_type.shape.dim[1]
     if neurons.HasField("dim_value") and neurons.dim_value != card.neuron_count:

@@ -1,0 +1,97 @@
+"""``neurotwin serve SERVICE...``: run one or more services in one gRPC server (one port).
+
+Each service module under ``neurotwin.server`` provides:
+  SECTION: str                        config-file section and env prefix (NEUROTWIN_<SECTION>_*)
+  Settings: dataclass                 its settings
+  add_flags(parser) -> None           its own flags, named --<service>-<setting> with dest=<setting>
+                                      and default None (unset); --model-store is shared and added here
+  attach(server, settings) -> None    build engines, register servicers and stop hooks
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+from types import ModuleType
+
+from neurotwin.errors import InvalidInput
+from neurotwin.server.config import ServerSettings, load_settings, read_config_file
+
+HELP = "run the gRPC services"
+SERVICES = {
+    "predictor": "neurotwin.server.predictor",
+    "synthesizer": "neurotwin.server.synthesizer",
+    "closed-loop": "neurotwin.server.closed_loop",
+}
+log = logging.getLogger("neurotwin.serve")
+
+
+def _modules(names: list[str]) -> list[ModuleType]:
+    chosen = list(SERVICES) if "all" in names else names
+    unknown = [n for n in chosen if n not in SERVICES]
+    if unknown:
+        raise InvalidInput(f"unknown service(s) {unknown}; choose from {[*SERVICES, 'all']}")
+    return [importlib.import_module(SERVICES[n]) for n in dict.fromkeys(chosen)]
+
+
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "server (also NEUROTWIN_SERVER_* env vars or the 'server' config section)"
+    )
+    for f in dataclasses.fields(ServerSettings):
+        flag = "--" + f.name.replace("_", "-")
+        group.add_argument(flag, dest=f"server_{f.name}", default=None, metavar=f.name.upper())
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "services",
+        nargs="+",
+        metavar="SERVICE",
+        help=f"one or more of {', '.join(SERVICES)}, or 'all'",
+    )
+    parser.add_argument("--config", help="YAML or JSON file with sections server, predictor, ...")
+    parser.add_argument(
+        "--model-store",
+        dest="model_store",
+        default=None,
+        help="model store root for every service (default: $NEUROTWIN_MODEL_STORE or ./model_store)",
+    )
+    add_server_flags(parser)
+    for name, module_path in SERVICES.items():
+        try:
+            module = importlib.import_module(module_path)
+        except ImportError:
+            continue
+        group = parser.add_argument_group(f"{name} (also NEUROTWIN_{module.SECTION.upper()}_* env vars)")
+        module.add_flags(group)
+
+
+def build_server(args: argparse.Namespace) -> object:
+    from neurotwin.server.common import GrpcServer
+
+    file_data = read_config_file(args.config)
+    server_overrides = {
+        key.removeprefix("server_"): value for key, value in vars(args).items() if key.startswith("server_")
+    }
+    server = GrpcServer(load_settings(ServerSettings, "server", file_data, server_overrides))
+    for module in _modules(args.services):
+        overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(module.Settings)}
+        settings = load_settings(module.Settings, module.SECTION, file_data, overrides)
+        module.attach(server, settings)
+    return server
+
+
+def run(args: argparse.Namespace) -> int:
+    server = build_server(args)
+    server.install_signal_handlers()
+    server.start()
+    print(
+        f"neurotwin: serving {', '.join(args.services)} on {server.settings.host}:{server.port}"
+        + (f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""),
+        flush=True,
+    )
+    server.wait()
+    return 0

@@ -217,10 +217,12 @@ class GrpcServer:
         self._draining = threading.Event()
         self._stopped = threading.Event()
         self._metrics_http: Any = None
+        self._health_grpc: grpc.Server | None = None
         self._in_flight = 0
         self._in_flight_lock = threading.Condition()
         self.port: int = 0
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -314,6 +316,8 @@ class GrpcServer:
                 s.metrics_port, addr=s.metrics_host or s.host, registry=self.metrics.registry
             )
             self.metrics_port = self._metrics_http.server_port
+        if s.health_port >= 0:
+            self._start_health_listener()
         self._grpc.start()
         self.set_serving("", True)
         for name in self._health_names:
@@ -327,6 +331,23 @@ class GrpcServer:
             "on" if self._tokens else "off",
             self.metrics_port if self.metrics_port is not None else "off",
         )
+
+    def _start_health_listener(self) -> None:
+        """The same health statuses over plaintext: no TLS, no auth, no other service."""
+        s = self.settings
+        address = f"{s.health_host or s.host}:{s.health_port}"
+        self._health_grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
+        try:
+            self.health_port = self._health_grpc.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise InvalidInput(f"cannot listen on {address}: {exc}") from exc
+        if self.health_port == 0:
+            raise InvalidInput(f"cannot listen on {address} (port in use?)")
+        self._health_grpc.start()
 
     def stop(self, grace: float | None = None) -> None:
         """Drain: health goes NOT_SERVING, new calls get UNAVAILABLE, in-flight calls finish."""
@@ -347,6 +368,8 @@ class GrpcServer:
         if unfinished:
             log.warning("grace period over; cancelling %d unfinished call(s)", unfinished)
         self._grpc.stop(0).wait()
+        if self._health_grpc is not None:
+            self._health_grpc.stop(0).wait()
         for hook in reversed(self._stop_hooks):
             try:
                 hook()

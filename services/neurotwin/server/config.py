@@ -30,6 +30,10 @@ class ServerSettings:
     # Prometheus metrics over HTTP; 0 picks a free port, -1 turns it off.
     metrics_port: int = 8002
     metrics_host: str = ""
+    # Plaintext grpc.health.v1 (and nothing else) on its own port, for probes that cannot speak
+    # TLS, such as the kubelet's native gRPC probes; -1 turns it off, 0 picks a free port.
+    health_port: int = -1
+    health_host: str = ""
     tls_cert: str = ""
     tls_key: str = ""
     # With a client CA, clients must present a certificate it signed (mutual TLS).

@@ -122,6 +122,8 @@ class ModelStore:
         parent = self._kind_dir(kind) / _check_name(name)
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
+        # mkdtemp makes the folder private; servers may run as another user than the trainer.
+        staging.chmod(0o755)
         try:
             yield staging
             target_version = version or (max(self.versions(kind, name), default=0) + 1)

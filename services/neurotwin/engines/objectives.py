@@ -1,0 +1,455 @@
+"""Synthesis objectives: what a stimulus should do to the twin's neurons, as a score per image.
+
+Every objective maps ``(rates [B, K], images [B, 3, H, W], groups [B] or None)`` to a score per image
+``[B]`` (higher is better), differentiable in both inputs. ``groups`` says which images belong to the
+same request, for terms that compare images with each other (diversity); None means one group.
+
+Objectives compose like numbers: ``neuron(3) + 0.1 * diversity()``, ``2 * a - b``. The gRPC layer
+builds them from plain data with :func:`build_objective` (an :class:`ObjectiveSpec` or a dict), and
+:meth:`Objective.to_spec` goes back, so a request can be journaled and replayed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from neurotwin.errors import InvalidInput
+
+__all__ = [
+    "KINDS",
+    "Diversity",
+    "Neuron",
+    "Objective",
+    "ObjectiveSpec",
+    "OneHotPopulation",
+    "Population",
+    "Scaled",
+    "Sum",
+    "build_objective",
+    "diversity",
+    "neuron",
+    "one_hot_population",
+    "population",
+    "resolve_neurons",
+]
+
+KINDS = ("neuron", "population", "one_hot")
+DIVERSITY_SPACES = ("images", "rates")
+
+
+class Objective:
+    """Base class. Subclasses implement :meth:`score`."""
+
+    def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, rates: Tensor, images: Tensor | None = None, groups: Tensor | None = None) -> Tensor:
+        out = self.score(rates, images, groups)
+        if out.shape != rates.shape[:1]:
+            raise RuntimeError(f"{self!r} returned shape {tuple(out.shape)}, expected ({rates.shape[0]},)")
+        return out
+
+    @property
+    def target(self) -> int | None:
+        """The neuron whose rate is reported as "the activation" of an image (None if there is none)."""
+        return None
+
+    @property
+    def neurons(self) -> list[int]:
+        """Every neuron index the objective reads (for validation against a twin)."""
+        return []
+
+    @property
+    def uses_images(self) -> bool:
+        return False
+
+    def terms(self) -> list[tuple[float, Objective]]:
+        """The objective as a weighted sum of leaf terms."""
+        return [(1.0, self)]
+
+    def to_spec(self) -> ObjectiveSpec:
+        """Plain-data description; only combinations :func:`build_objective` can express have one."""
+        return _spec_from_terms(self.terms())
+
+    # -- algebra --------------------------------------------------------------------------------------
+
+    def __add__(self, other: Objective | float) -> Objective:
+        if isinstance(other, (int, float)):
+            if other == 0:
+                return self
+            return NotImplemented
+        return Sum([self, other])
+
+    def __radd__(self, other: Objective | float) -> Objective:
+        # sum([...]) starts from 0.
+        if isinstance(other, (int, float)) and other == 0:
+            return self
+        return NotImplemented
+
+    def __mul__(self, factor: float) -> Objective:
+        if not isinstance(factor, (int, float)):
+            return NotImplemented
+        return Scaled(self, float(factor))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> Objective:
+        return Scaled(self, -1.0)
+
+    def __sub__(self, other: Objective) -> Objective:
+        return Sum([self, Scaled(other, -1.0)])
+
+
+class Sum(Objective):
+    def __init__(self, parts: Sequence[Objective]) -> None:
+        flat: list[Objective] = []
+        for part in parts:
+            flat += part.parts if isinstance(part, Sum) else [part]
+        self.parts = flat
+
+    def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
+        total = self.parts[0](rates, images, groups)
+        for part in self.parts[1:]:
+            total = total + part(rates, images, groups)
+        return total
+
+    @property
+    def target(self) -> int | None:
+        return next((p.target for p in self.parts if p.target is not None), None)
+
+    @property
+    def neurons(self) -> list[int]:
+        return sorted({n for p in self.parts for n in p.neurons})
+
+    @property
+    def uses_images(self) -> bool:
+        return any(p.uses_images for p in self.parts)
+
+    def terms(self) -> list[tuple[float, Objective]]:
+        return [t for p in self.parts for t in p.terms()]
+
+    def __repr__(self) -> str:
+        return " + ".join(repr(p) for p in self.parts)
+
+
+class Scaled(Objective):
+    def __init__(self, inner: Objective, factor: float) -> None:
+        if isinstance(inner, Scaled):
+            inner, factor = inner.inner, inner.factor * factor
+        self.inner, self.factor = inner, factor
+
+    def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
+        return self.factor * self.inner(rates, images, groups)
+
+    @property
+    def target(self) -> int | None:
+        return self.inner.target
+
+    @property
+    def neurons(self) -> list[int]:
+        return self.inner.neurons
+
+    @property
+    def uses_images(self) -> bool:
+        return self.inner.uses_images
+
+    def terms(self) -> list[tuple[float, Objective]]:
+        return [(self.factor * w, t) for w, t in self.inner.terms()]
+
+    def __repr__(self) -> str:
+        return f"{self.factor:g} * ({self.inner!r})"
+
+
+class Neuron(Objective):
+    """The rate of one neuron ("stretch" in Bashivan et al. 2019)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = int(index)
+
+    def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
+        return rates[:, self.index]
+
+    @property
+    def target(self) -> int:
+        return self.index
+
+    @property
+    def neurons(self) -> list[int]:
+        return [self.index]
+
+    def __repr__(self) -> str:
+        return f"neuron({self.index})"
+
+
+class Population(Objective):
+    """A weighted sum of rates (weights default to the mean; negative weights suppress)."""
+
+    def __init__(self, indices: Sequence[int], weights: Sequence[float] | None = None) -> None:
+        if not indices:
+            raise InvalidInput("population objective: no neurons given")
+        self.indices = [int(i) for i in indices]
+        if weights is None:
+            weights = [1.0 / len(self.indices)] * len(self.indices)
+        if len(weights) != len(self.indices):
+            raise InvalidInput(f"population objective: {len(self.indices)} neurons, {len(weights)} weights")
+        self.weights = [float(w) for w in weights]
+        self._index = torch.tensor(self.indices, dtype=torch.long)
+        self._weight = torch.tensor(self.weights, dtype=torch.float32)
+
+    def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
+        picked = rates.index_select(1, self._index.to(rates.device))
+        return picked @ self._weight.to(rates.device, rates.dtype)
+
+    @property
+    def target(self) -> int:
+        # The neuron that matters most to the objective is the one reported.
+        return self.indices[max(range(len(self.weights)), key=lambda i: self.weights[i])]
+
+    @property
+    def neurons(self) -> list[int]:
+        return list(self.indices)
+
+    def __repr__(self) -> str:
+        return f"population({self.indices}, {self.weights})"
+
+
+class OneHotPopulation(Objective):
+    """Drive one neuron and suppress the others: the target's softmax over the population.
+
+    Bashivan, Kar & DiCarlo (2019). ``temperature`` sets how sharply the rates are compared (in the
+    rates' units); ``log`` scores the log-softmax instead, which keeps gradients alive when the target
+    starts far below the rest.
+    """
+
+    def __init__(
+        self,
+        target: int,
+        population: Sequence[int] | None = None,
+        temperature: float = 1.0,
+        log: bool = False,
+    ) -> None:
+        if not temperature > 0 or not math.isfinite(temperature):
+            raise InvalidInput(f"one-hot objective: temperature must be positive, got {temperature}")
+        self.index = int(target)
+        self.population = None if population is None else sorted({int(p) for p in population} | {self.index})
+        self.temperature = float(temperature)
+        self.log = bool(log)
+
+    def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
+        if self.population is None:
+            pool, position = rates, self.index
+        else:
+            index = torch.tensor(self.population, dtype=torch.long, device=rates.device)
+            pool, position = rates.index_select(1, index), self.population.index(self.index)
+        logits = pool / self.temperature
+        if self.log:
+            return torch.log_softmax(logits, dim=1)[:, position]
+        return torch.softmax(logits, dim=1)[:, position]
+
+    @property
+    def target(self) -> int:
+        return self.index
+
+    @property
+    def neurons(self) -> list[int]:
+        return [self.index] if self.population is None else list(self.population)
+
+    def __repr__(self) -> str:
+        pop = "all" if self.population is None else self.population
+        return f"one_hot({self.index}, population={pop}, T={self.temperature:g}, log={self.log})"
+
+
+class Diversity(Objective):
+    """Minus the mean correlation of an image with the other images of its request.
+
+    ``on="images"`` compares pixels; ``on="rates"`` compares population responses. Each vector is
+    centred on its own mean before the cosine, so uniformly bright images do not look alike just for
+    being positive. An image alone in its group scores 0.
+    """
+
+    def __init__(self, on: str = "images") -> None:
+        if on not in DIVERSITY_SPACES:
+            raise InvalidInput(f"diversity: 'on' must be one of {DIVERSITY_SPACES}, got {on!r}")
+        self.on = on
+
+    def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
+        if self.on == "images":
+            if images is None:
+                raise InvalidInput("diversity on images needs the images")
+            features = images.reshape(images.shape[0], -1)
+        else:
+            features = rates
+        features = features.float()
+        centred = features - features.mean(dim=1, keepdim=True)
+        unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        similarity = unit @ unit.t()
+        n = similarity.shape[0]
+        same = torch.ones(n, n, dtype=torch.bool, device=similarity.device)
+        if groups is not None:
+            g = groups.to(similarity.device)
+            same = g[:, None] == g[None, :]
+        peers = same & ~torch.eye(n, dtype=torch.bool, device=similarity.device)
+        counts = peers.sum(dim=1)
+        total = (similarity * peers).sum(dim=1)
+        return -torch.where(counts > 0, total / counts.clamp_min(1), torch.zeros_like(total)).to(rates.dtype)
+
+    @property
+    def uses_images(self) -> bool:
+        return self.on == "images"
+
+    def __repr__(self) -> str:
+        return f"diversity(on={self.on!r})"
+
+
+# Short constructors, lucent-style.
+def neuron(index: int) -> Objective:
+    return Neuron(index)
+
+
+def population(indices: Sequence[int], weights: Sequence[float] | None = None) -> Objective:
+    return Population(indices, weights)
+
+
+def one_hot_population(
+    target: int, population: Sequence[int] | None = None, temperature: float = 1.0, log: bool = False
+) -> Objective:
+    return OneHotPopulation(target, population, temperature, log)
+
+
+def diversity(on: str = "images") -> Objective:
+    return Diversity(on)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plain-data descriptions
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ObjectiveSpec:
+    """What a request says about its objective.
+
+    - ``kind="neuron"``: ``neurons=[k]``;
+    - ``kind="population"``: ``neurons`` weighted by ``weights`` (default: their mean);
+    - ``kind="one_hot"``: ``neurons[0]`` is the target, ``population`` the neurons it competes with
+      (default: all of the twin's), compared at ``temperature``.
+
+    ``diversity`` > 0 adds that multiple of :class:`Diversity` (``diversity_on``). Neurons are indices
+    or neuron ids from the twin's card.
+    """
+
+    kind: str = "neuron"
+    neurons: list[int | str] = field(default_factory=list)
+    weights: list[float] | None = None
+    population: list[int | str] | None = None
+    temperature: float = 1.0
+    log: bool = False
+    diversity: float = 0.0
+    diversity_on: str = "images"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ObjectiveSpec:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InvalidInput(f"objective: unknown fields {sorted(unknown)}")
+        values = dict(data)
+        if "neurons" in values and isinstance(values["neurons"], (int, str)):
+            values["neurons"] = [values["neurons"]]
+        return cls(**values)
+
+
+def resolve_neurons(
+    values: Sequence[int | str], neuron_ids: Sequence[str] | int, what: str = "neuron"
+) -> list[int]:
+    """Neuron indices or ids -> indices, checked against the twin (its card's ids, or a count)."""
+    count = neuron_ids if isinstance(neuron_ids, int) else len(neuron_ids)
+    ids = {} if isinstance(neuron_ids, int) else {n: i for i, n in enumerate(neuron_ids)}
+    out: list[int] = []
+    for value in values:
+        if isinstance(value, str) and value in ids:
+            out.append(ids[value])
+            continue
+        try:
+            index = int(value)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"{what} {value!r}: not a neuron id of this twin nor an index") from None
+        if isinstance(value, float) and value != index:
+            raise InvalidInput(f"{what} {value!r}: not an integer index")
+        if not 0 <= index < count:
+            raise InvalidInput(f"{what} {value!r}: out of range, the twin has {count} neurons")
+        out.append(index)
+    return out
+
+
+def build_objective(spec: ObjectiveSpec | Mapping[str, Any], neuron_ids: Sequence[str] | int) -> Objective:
+    """Validate a spec against the twin and build the objective; bad requests raise InvalidInput."""
+    if not isinstance(spec, ObjectiveSpec):
+        spec = ObjectiveSpec.from_dict(spec)
+    if spec.kind not in KINDS:
+        raise InvalidInput(f"objective kind {spec.kind!r}: expected one of {KINDS}")
+    neurons = resolve_neurons(spec.neurons, neuron_ids)
+    if not neurons:
+        raise InvalidInput(f"objective {spec.kind!r}: at least one neuron is required")
+    base: Objective
+    if spec.kind == "neuron":
+        if len(neurons) != 1:
+            raise InvalidInput(f"objective 'neuron' takes one neuron, got {len(neurons)}; use 'population'")
+        base = Neuron(neurons[0])
+    elif spec.kind == "population":
+        if spec.weights is not None and not all(math.isfinite(float(w)) for w in spec.weights):
+            raise InvalidInput("population objective: weights must be finite")
+        if len(set(neurons)) != len(neurons):
+            raise InvalidInput("population objective: a neuron is listed twice")
+        base = Population(neurons, spec.weights)
+    else:
+        if len(neurons) != 1:
+            raise InvalidInput("objective 'one_hot' takes one target; list competitors in 'population'")
+        pool = (
+            None
+            if spec.population is None
+            else resolve_neurons(spec.population, neuron_ids, "population neuron")
+        )
+        base = OneHotPopulation(neurons[0], pool, float(spec.temperature), bool(spec.log))
+    weight = float(spec.diversity)
+    if not math.isfinite(weight) or weight < 0:
+        raise InvalidInput(f"objective: diversity weight must be finite and >= 0, got {spec.diversity}")
+    if weight > 0:
+        return base + weight * Diversity(spec.diversity_on)
+    return base
+
+
+def _spec_from_terms(terms: list[tuple[float, Objective]]) -> ObjectiveSpec:
+    main = [(w, t) for w, t in terms if not isinstance(t, Diversity)]
+    extra = [(w, t) for w, t in terms if isinstance(t, Diversity)]
+    if len(main) != 1 or main[0][0] != 1.0 or len(extra) > 1 or (extra and extra[0][0] < 0):
+        raise InvalidInput("objective has no plain-data form (one base term plus a diversity weight)")
+    _, base = main[0]
+    spec: ObjectiveSpec
+    if isinstance(base, Neuron):
+        spec = ObjectiveSpec("neuron", [base.index])
+    elif isinstance(base, Population):
+        spec = ObjectiveSpec("population", list(base.indices), list(base.weights))
+    elif isinstance(base, OneHotPopulation):
+        spec = ObjectiveSpec(
+            "one_hot",
+            [base.index],
+            population=None if base.population is None else list(base.population),
+            temperature=base.temperature,
+            log=base.log,
+        )
+    else:
+        raise InvalidInput(f"{base!r} has no plain-data form")
+    if extra:
+        weight, term = extra[0]
+        assert isinstance(term, Diversity)
+        spec.diversity, spec.diversity_on = weight, term.on
+    return spec

@@ -2,10 +2,10 @@
 
 Each service module under ``neurotwin.server`` provides:
   SECTION: str                        config-file section and env prefix (NEUROTWIN_<SECTION>_*)
-  Settings: dataclass                 its settings
-  add_flags(parser) -> None           its own flags, named --<service>-<setting> with dest=<setting>
-                                      and default None (unset); --model-store is shared and added here
+  Settings: dataclass                 its settings; each becomes a flag --<service>-<setting>
+  FLAG_HELP: dict[str, str]           help text per setting
   attach(server, settings) -> None    build engines, register servicers and stop hooks
+``model_store`` is shared by every service and set once with --model-store.
 """
 
 from __future__ import annotations
@@ -61,12 +61,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     add_server_flags(parser)
     for name, module_path in SERVICES.items():
-        try:
-            module = importlib.import_module(module_path)
-        except ImportError:
-            continue
+        module = importlib.import_module(module_path)
         group = parser.add_argument_group(f"{name} (also NEUROTWIN_{module.SECTION.upper()}_* env vars)")
-        module.add_flags(group)
+        helps = getattr(module, "FLAG_HELP", {})
+        for f in dataclasses.fields(module.Settings):
+            if f.name == "model_store":
+                continue
+            group.add_argument(
+                f"--{name}-{f.name.replace('_', '-')}",
+                dest=_dest(module, f.name),
+                default=None,
+                metavar=f.name.upper(),
+                help=helps.get(f.name),
+            )
+
+
+def _dest(module: ModuleType, setting: str) -> str:
+    # Per-service destinations: two services may both have a setting called e.g. "device".
+    return "model_store" if setting == "model_store" else f"{module.SECTION}__{setting}"
 
 
 def build_server(args: argparse.Namespace) -> object:
@@ -78,7 +90,9 @@ def build_server(args: argparse.Namespace) -> object:
     }
     server = GrpcServer(load_settings(ServerSettings, "server", file_data, server_overrides))
     for module in _modules(args.services):
-        overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(module.Settings)}
+        overrides = {
+            f.name: getattr(args, _dest(module, f.name), None) for f in dataclasses.fields(module.Settings)
+        }
         settings = load_settings(module.Settings, module.SECTION, file_data, overrides)
         module.attach(server, settings)
     return server

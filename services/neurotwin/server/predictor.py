@@ -7,8 +7,6 @@ Errors are raised as ``neurotwin.errors`` exceptions; ``server.common`` turns th
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
 import logging
 import os
@@ -94,7 +92,7 @@ class Settings:
         )
 
 
-_HELP = {
+FLAG_HELP = {
     "version_policy": "which versions to serve: latest:N or pinned:V1,V2 (default latest:1)",
     "max_batch_size": "largest merged batch, in images (default 32)",
     "max_queue_delay_ms": "longest wait for a batch to fill, in ms (default 2)",
@@ -108,19 +106,6 @@ _HELP = {
     "max_decoded_pixels": "most pixels one image may decode to (default 16M)",
     "kserve": "also serve the KServe v2 inference API (default true)",
 }
-
-
-def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    for f in dataclasses.fields(Settings):
-        if f.name == "model_store":  # shared by every service; the serve command adds it
-            continue
-        parser.add_argument(
-            f"--{SECTION}-{f.name.replace('_', '-')}",
-            dest=f.name,
-            default=None,
-            metavar=f.name.upper(),
-            help=_HELP.get(f.name),
-        )
 
 
 class PredictorMetrics:

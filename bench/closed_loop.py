@@ -1,0 +1,385 @@
+"""Closed-loop benchmark: evolution against virtual V4 neurons, GA vs CMA-ES vs twin-guided CMA-ES.
+
+    python bench/closed_loop.py                 # 20 neurons x 75 generations x 40 images, all methods
+    python bench/closed_loop.py --quick         # 4 neurons x 15 generations (smoke run)
+    python bench/closed_loop.py --methods ga,cma-es --neurons 10 --out runs/cl.json
+
+Each virtual neuron is one output of the bundled twin (model_store/predictors/v4-201025) observed
+through Poisson spike counts over a 100 ms presentation (one repeat per image): the true rate of an
+image is the twin's prediction, the rig sees a Poisson draw of it. Sessions run through the real
+service (an in-process gRPC server on loopback with a SQLite journal in WAL/FULL mode, the rig-sim
+client), so the Ask and Tell latencies are what a rig would see on this CPU.
+
+Score per run: the noise-free rate of the stimulus the session itself rates best (from its noisy
+measurements), divided by the neuron's maximum noise-free rate over the 1,200 natural images of session
+201025 (``--natural``). Also reported: the best noise-free rate among everything shown.
+
+Methods (3,000 presentations each: 75 generations x 40 images; no natural references in the budget):
+  ga                 genetic algorithm, XDream defaults (mutation 0.5/0.5, selectivity 2, heritability 0.5)
+  cma-es             CMA-ES, sigma0 = the generator's latent std
+  cma-es+twin        CMA-ES; each generation samples 10x candidates and presents the 40 the twin ranks
+                     highest. In silico the guide IS the neuron's noise-free model: an upper bound on
+                     what guidance can give, not an estimate of it.
+  cma-es+proxy       the same, but the guide is a *different* twin neuron: the one whose predictions over
+                     the natural images correlate with the target's closest to r = 0.6 (about the twin's
+                     held-out accuracy on real V4 neurons). A stand-in for an imperfect twin.
+  cma-es+proxy+refit the proxy guide with the readout refit online from the session's own responses.
+                     Caveat: the refit's features are all twin outputs, the true neuron's included, so it
+                     can learn to lean on it; in vivo the twin's own model of the neuron (r ~ 0.6-0.8)
+                     plays that part, so this is optimistic too.
+
+Without the bundled models (or with ``--stand-in``) a test-sized stand-in store is built (a tiny
+random DCGAN and a tiny random ONNX twin); numbers from it only show that the pipeline runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_STORE = ROOT / "model_store"
+TWIN = "v4-201025"
+GENERATOR = "v4-dcgan"
+DATA = ROOT.parent / "shared" / "data" / "cowley_v4"
+SESSION = "201025"
+METHODS = ("ga", "cma-es", "cma-es+twin", "cma-es+proxy", "cma-es+proxy+refit")
+PROXY_TARGET_R = 0.6
+
+
+@dataclass
+class Run:
+    method: str
+    neuron: int
+    guide_neuron: int
+    natural_max: float
+    best_true: float
+    max_true: float
+    best_measured: float
+    generations: int
+    presentations: int
+    seconds: float
+    ask_ms: list[float]
+    tell_ms: list[float]
+    ask_cpu_ms: list[float]
+    tell_cpu_ms: list[float]
+    curve: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return self.best_true / self.natural_max
+
+    @property
+    def ratio_shown(self) -> float:
+        return self.max_true / self.natural_max
+
+
+def build_standin(store_root: Path) -> tuple[str, str]:
+    """A tiny random generator and twin, for running the pipeline without the bundled models."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from neurotwin.runtimes.generators import DCGANGenerator, save_generator
+    from neurotwin.store import GENERATORS, ModelStore
+
+    from tests._models import make_predictor
+
+    torch.manual_seed(0)
+    with ModelStore(store_root).new_version(GENERATORS, "standin-dcgan") as folder:
+        save_generator(DCGANGenerator(latent_dim=32, resolution=32, width=16), folder, "standin-dcgan")
+    make_predictor(store_root, "standin-twin", neurons=24, size=32)
+    return "standin-twin", "standin-dcgan"
+
+
+def natural_images(path: Path, count: int, size: int) -> np.ndarray:
+    """The session's natural images (uint8 [N, H, W, 3]), or random stand-ins when the data are absent."""
+    if path.is_dir():
+        from neurotwin.training.datasets import load_recording
+
+        return load_recording(path, session=SESSION).images
+    print(f"bench: {path} not found; using {count} random images as the natural set", flush=True)
+    return np.random.default_rng(0).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+def pick_neurons(rates: np.ndarray, count: int) -> list[int]:
+    """``count`` neurons spread evenly over the twin's outputs (no cherry-picking)."""
+    k = rates.shape[1]
+    return sorted({round(float(x)) for x in np.linspace(0, k - 1, min(count, k))})
+
+
+def proxy_neuron(rates: np.ndarray, target: int) -> int:
+    """The other neuron whose natural-image predictions correlate with the target's closest to 0.6."""
+    r = np.corrcoef(rates.T)[target]
+    r[target] = np.inf
+    return int(np.argmin(np.abs(r - PROXY_TARGET_R)))
+
+
+def summarize(runs: list[Run], methods: list[str]) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for method in methods:
+        mine = [r for r in runs if r.method == method]
+        if not mine:
+            continue
+        ratios = np.array([r.ratio for r in mine])
+        shown = np.array([r.ratio_shown for r in mine])
+        asks = np.concatenate([r.ask_ms for r in mine])
+        tells = np.concatenate([r.tell_ms for r in mine])
+        ask_cpu = np.concatenate([r.ask_cpu_ms for r in mine])
+        tell_cpu = np.concatenate([r.tell_cpu_ms for r in mine])
+        table[method] = {
+            "neurons": len(mine),
+            "best_over_natural_median": float(np.median(ratios)),
+            "best_over_natural_mean": float(ratios.mean()),
+            "best_over_natural_q25": float(np.percentile(ratios, 25)),
+            "best_over_natural_q75": float(np.percentile(ratios, 75)),
+            "beats_natural_max": float((ratios > 1).mean()),
+            "max_shown_over_natural_median": float(np.median(shown)),
+            "ask_ms_p50": float(np.median(asks)),
+            "ask_ms_p90": float(np.percentile(asks, 90)),
+            "tell_ms_p50": float(np.median(tells)),
+            "tell_ms_p90": float(np.percentile(tells, 90)),
+            "ask_cpu_ms_p50": float(np.median(ask_cpu)),
+            "tell_cpu_ms_p50": float(np.median(tell_cpu)),
+            "seconds_per_session": float(np.mean([r.seconds for r in mine])),
+        }
+    for reference, key in (("ga", "ga"), ("cma-es", "cmaes")):
+        base = {r.neuron: r.ratio for r in runs if r.method == reference}
+        for method in methods:
+            pairs = [(r.ratio, base[r.neuron]) for r in runs if r.method == method and r.neuron in base]
+            if pairs and method != reference and method in table:
+                gains = [a / b - 1 for a, b in pairs if b > 0]
+                table[method][f"median_gain_over_{key}"] = float(np.median(gains)) if gains else math.nan
+                table[method][f"wins_over_{key}"] = float(np.mean([a > b for a, b in pairs]))
+    return table
+
+
+def markdown(table: dict[str, Any], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| method | neurons | best / natural max: median (IQR) | mean | > natural max "
+        "| vs GA (median gain, wins) | vs CMA-ES (same neurons) | Ask p50 / p90 ms (CPU p50) "
+        "| Tell p50 / p90 ms (CPU p50) | s per session |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, row in table.items():
+        gain, gain_cmaes = (
+            f"{row[f'median_gain_over_{key}'] * 100:+.0f}%, {row[f'wins_over_{key}'] * 100:.0f}%"
+            if f"median_gain_over_{key}" in row
+            else "-"
+            for key in ("ga", "cmaes")
+        )
+        lines.append(
+            f"| {method} | {row['neurons']} | {row['best_over_natural_median']:.2f} "
+            f"({row['best_over_natural_q25']:.2f}-{row['best_over_natural_q75']:.2f}) "
+            f"| {row['best_over_natural_mean']:.2f} | {row['beats_natural_max'] * 100:.0f}% "
+            f"| {gain} | {gain_cmaes} "
+            f"| {row['ask_ms_p50']:.0f} / {row['ask_ms_p90']:.0f} ({row['ask_cpu_ms_p50']:.0f}) "
+            f"| {row['tell_ms_p50']:.1f} / {row['tell_ms_p90']:.1f} ({row['tell_cpu_ms_p50']:.1f}) "
+            f"| {row['seconds_per_session']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 neurons x 15 generations")
+    parser.add_argument("--neurons", type=int, default=20)
+    parser.add_argument("--generations", type=int, default=75)
+    parser.add_argument("--population", type=int, default=40)
+    parser.add_argument("--candidates", type=int, default=10, help="candidates per presented image (guided)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--guided-neurons",
+        type=int,
+        default=0,
+        help="run the twin-guided methods on only the first N of the chosen neurons (0: all); they cost "
+        "about 10x more CPU per generation",
+    )
+    parser.add_argument("--model-store", default=str(BUNDLED_STORE))
+    parser.add_argument("--twin", default=TWIN)
+    parser.add_argument("--generator", default=GENERATOR)
+    parser.add_argument("--natural", default=str(DATA), help="cowley_v4 data root (session 201025)")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--stand-in", action="store_true", help="use test-sized stand-in models")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--shard",
+        default="",
+        help="K/N: run only every N-th chosen neuron from the K-th (parallel processes)",
+    )
+    parser.add_argument(
+        "--merge", nargs="+", default=[], help="combine the JSON results of shards and report"
+    )
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench_closed_loop.json"))
+    args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
+    if args.quick:
+        args.neurons, args.generations = min(args.neurons, 4), min(args.generations, 15)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(ROOT / "services"))
+    from neurotwin.client.closed_loop import ClosedLoopClient
+    from neurotwin.commands.rig_sim import VirtualNeurons, in_process_server, load_twin, simulate
+    from neurotwin.store import GENERATORS, PREDICTORS, ModelStore
+
+    work = Path(tempfile.mkdtemp(prefix="neurotwin-bench-cl-"))
+    store_root = Path(args.model_store)
+    store = ModelStore(store_root)
+    stand_in = args.stand_in or not (
+        store.versions(PREDICTORS, args.twin) and store.versions(GENERATORS, args.generator)
+    )
+    if stand_in:
+        print(
+            f"bench: bundled {args.twin} / {args.generator} not in {store_root}; building stand-ins",
+            flush=True,
+        )
+        store_root = work / "store"
+        args.twin, args.generator = build_standin(store_root)
+        args.image_size = 32
+    twin = load_twin(str(store_root), args.twin)
+    natural = natural_images(Path(args.natural), 300, twin.card.input.height)
+    probe = VirtualNeurons(twin)
+    natural_rates = probe.true_rates(natural)
+    neurons = pick_neurons(natural_rates, args.neurons)
+    count = args.guided_neurons or len(neurons)
+    # An evenly spread subset for the expensive guided methods, when asked for.
+    guided = {neurons[round(i * len(neurons) / count)] for i in range(min(count, len(neurons)))}
+    if args.shard:
+        k, n = (int(x) for x in args.shard.split("/"))
+        neurons = neurons[k::n]
+    print(
+        f"bench: twin {args.twin} ({twin.card.neuron_count} neurons), generator {args.generator}, "
+        f"{len(natural)} natural images, neurons {neurons}, {args.generations} generations x "
+        f"{args.population}, methods {methods}",
+        flush=True,
+    )
+
+    runs: list[Run] = []
+    journal = work / "journal.sqlite3"
+    settings = {"compute_threads": 1, "twin_threads": 1, "max_sessions": 1000}
+    with (
+        in_process_server(str(store_root), str(journal), **settings) as address,
+        ClosedLoopClient(address) as client,
+    ):
+        for neuron in neurons:
+            natural_max = float(natural_rates[:, neuron].max())
+            for method in methods:
+                if "+" in method and neuron not in guided:
+                    continue
+                guide = neuron
+                options: dict[str, Any] = {}
+                if method == "ga":
+                    options["optimizer"] = "ga"
+                else:
+                    options["optimizer"] = "cma-es"
+                if method == "cma-es+twin":
+                    options.update(twin=args.twin, candidates_per_presentation=args.candidates)
+                if method.startswith("cma-es+proxy"):
+                    guide = proxy_neuron(natural_rates, neuron)
+                    options.update(
+                        twin=args.twin,
+                        twin_neurons=[guide],
+                        candidates_per_presentation=args.candidates,
+                        refit_readout=method.endswith("+refit"),
+                    )
+                info = client.create_session(
+                    neuron_count=twin.card.neuron_count,
+                    target_neurons=[neuron],
+                    generator=args.generator,
+                    population_size=args.population,
+                    max_generations=args.generations,
+                    image_size=args.image_size,
+                    seed=args.seed * 1000 + neuron,
+                    description=f"bench {method} neuron {neuron}",
+                    **options,
+                )
+                # The same spike noise stream for every method on a neuron.
+                virtual = VirtualNeurons(twin, presentation_ms=100.0, seed=args.seed * 1000 + neuron)
+                started = time.perf_counter()
+                result = simulate(client, info.session_id, virtual, [neuron])
+                seconds = time.perf_counter() - started
+                run = Run(
+                    method=method,
+                    neuron=neuron,
+                    guide_neuron=guide,
+                    natural_max=natural_max,
+                    best_true=result.best_true,
+                    max_true=result.max_true,
+                    best_measured=result.best_score,
+                    generations=result.generations,
+                    presentations=result.presentations,
+                    seconds=seconds,
+                    ask_ms=[s * 1000 for s in result.ask_seconds[:-1]],  # the last Ask only says "finished"
+                    tell_ms=[s * 1000 for s in result.tell_seconds],
+                    ask_cpu_ms=[s * 1000 for s in result.ask_cpu_seconds[:-1]],
+                    tell_cpu_ms=[s * 1000 for s in result.tell_cpu_seconds],
+                    curve=[h["true_max"] / natural_max for h in result.history],
+                )
+                runs.append(run)
+                print(
+                    f"neuron {neuron:3d} {method:18s} best/natural {run.ratio:5.2f}"
+                    f"  shown max {run.ratio_shown:5.2f}  guide {guide:3d}"
+                    f"  Ask p50 {np.median(run.ask_ms):6.1f} ms  Tell p50 {np.median(run.tell_ms):5.1f} ms"
+                    f"  {seconds:6.1f} s",
+                    flush=True,
+                )
+                client.close_session(info.session_id)
+
+    header = (
+        f"Closed loop, {len(neurons)} virtual neurons of {args.twin} (Poisson, 100 ms), "
+        f"generator {args.generator}, {args.generations} generations x {args.population} images "
+        f"at {args.image_size} px"
+        + (" [STAND-IN MODELS]" if stand_in else "")
+        + f"; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+        + "/".join(f"{x:.1f}" for x in os.getloadavg())
+    )
+    write_results(Path(args.out), header, runs, methods, {"args": vars(args), "stand_in": stand_in})
+    return 0
+
+
+def write_results(out: Path, header: str, runs: list[Run], methods: list[str], extra: dict[str, Any]) -> None:
+    table = summarize(runs, methods)
+    text = markdown(table, header)
+    print()
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    neurons = sorted({r.neuron for r in runs})
+    payload = {**extra, "header": header, "methods": methods, "neurons": neurons, "table": table}
+    payload.update(runs=[asdict(r) for r in runs], markdown=text)
+    out.write_text(json.dumps(payload, indent=1))
+    print(f"\nbench: wrote {out}")
+
+
+def merge(paths: list[str], out: Path) -> int:
+    """One table from the JSON results of several shards."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [Run(**r) for part in parts for r in part["runs"]]
+    methods = list(dict.fromkeys(m for part in parts for m in part["methods"]))
+    count = len({r.neuron for r in runs})
+    header = re.sub(r"^Closed loop, \d+ ", f"Closed loop, {count} ", parts[0]["header"])
+    header += f"; merged from {len(parts)} shards"
+    write_results(out, header, runs, methods, {"shards": paths})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

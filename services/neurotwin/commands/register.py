@@ -1,0 +1,78 @@
+"""``neurotwin register MODEL.onnx --name NAME``: import an ONNX predictor trained elsewhere.
+
+The graph must take uint8 images [N, H, W, 3] and return float rates [N, K] (opset >= 17). Its card is
+written from the graph; with ``--images`` it also gets per-neuron predicted max and 99th percentile over
+those images (the reference the synthesizer compares stimuli against).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from neurotwin.commands.models import add_store_argument, open_store
+from neurotwin.errors import InvalidInput
+
+HELP = "import an ONNX predictor trained elsewhere as a new store version"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL.onnx", help="ONNX graph: uint8 [N, H, W, 3] -> float [N, K]")
+    parser.add_argument("--name", required=True, help="predictor name in the store")
+    add_store_argument(parser)
+    parser.add_argument("--images", default=None, help="folder or zip of reference images (natural stimuli)")
+    parser.add_argument(
+        "--neuron-ids",
+        default=None,
+        help="comma-separated ids, or a text file with one per line (default: those of an embedded card, "
+        "else NAME_<k>)",
+    )
+    parser.add_argument(
+        "--size", default=None, help="HxW input size when the graph's is dynamic (e.g. 112x112)"
+    )
+    parser.add_argument("--description", default="", help="free text for the card")
+    parser.add_argument("--units", default=None, help="response units (default: spikes per 100 ms window)")
+
+
+def _neuron_ids(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    path = Path(text)
+    if path.is_file():
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    height, sep, width = text.lower().partition("x")
+    try:
+        size = (int(height), int(width)) if sep else (int(height), int(height))
+    except ValueError:
+        size = (0, 0)
+    if min(size) < 1:
+        raise InvalidInput(f"--size {text!r}: expected HxW, e.g. 112x112")
+    return size
+
+
+def run(args: argparse.Namespace) -> int:
+    from neurotwin.training.register import register_onnx
+
+    version, card = register_onnx(
+        args.model,
+        name=args.name,
+        store=open_store(args.store),
+        images=args.images,
+        neuron_ids=_neuron_ids(args.neuron_ids),
+        size=_size(args.size),
+        description=args.description,
+        units=args.units,
+    )
+    stats = "" if card.neuron_stats is None else f", statistics over {card.neuron_stats.image_count} images"
+    print(
+        f"registered {args.model} as {version}: {card.neuron_count} neurons, "
+        f"input {card.input.height}x{card.input.width}{stats}"
+    )
+    print(f"  wrote {version.model_path} and {version.card_path}")
+    return 0

@@ -1,0 +1,444 @@
+"""Export a closed-loop session from its journal to NWB (pynwb) or to a plain HDF5 layout.
+
+Both files hold the same facts: every presented image (pixels, sha256, latent code or natural-image
+name), every presentation with its responses (the mean and every repeat) and times, the optimizer
+trajectory per generation, the session's settings, and the generator and twin versions used.
+
+NWB layout:
+- ``stimulus_templates/stimuli``: ``Images`` with one ``RGBImage`` per distinct image (each synthetic
+  stimulus; each natural image once), ordered; ``stimulus/presentations``: an ``IndexSeries`` into it.
+- ``intervals/trials``: one row per told presentation: generation, stimulus id and index, kind, image
+  index, sha256, latent, objective, twin-predicted score, mean responses, every repeat (ragged),
+  server receive time; start/stop times are the rig's onset/duration when it gave them, else the
+  server's receive time relative to the session start.
+- ``acquisition/responses``: ``TimeSeries`` [presentations, neurons] of mean responses.
+- ``processing/closed_loop``: tables ``generations`` (optimizer trajectory), ``models`` (generator and
+  twin name/version) and ``neurons`` (ids; target flag); the settings JSON is in ``notes``.
+
+HDF5 layout (``h5py``): attributes ``format``, ``session_id``, ``settings`` (JSON), ``created``; groups
+``stimuli``, ``presentations``, ``generations``, ``natural_set`` and ``models`` with one dataset per
+column (see ``write_hdf5``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neurotwin.engines.journal import (
+    NATURAL,
+    GenerationRecord,
+    Journal,
+    NaturalImage,
+    ResponseRecord,
+    SessionRecord,
+    StimulusRecord,
+)
+from neurotwin.errors import InvalidInput
+from neurotwin.imagecodec import decode_image
+
+FORMATS = ("nwb", "hdf5")
+HDF5_FORMAT = "neurotwin.closed-loop-session/1"
+RESPONSE_UNIT = "responses as told by the rig (e.g. spikes per response window)"
+
+
+@dataclass
+class SessionData:
+    """A consistent snapshot of one session read from the journal."""
+
+    record: SessionRecord
+    generations: list[GenerationRecord]
+    stimuli: list[StimulusRecord]
+    responses: list[ResponseRecord]
+    natural: list[NaturalImage]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.record.config
+
+    def told(self) -> list[tuple[StimulusRecord, ResponseRecord]]:
+        by_key = {(s.generation, s.index): s for s in self.stimuli}
+        return [
+            (by_key[(r.generation, r.index)], r) for r in self.responses if (r.generation, r.index) in by_key
+        ]
+
+
+def collect(journal: Journal, session_id: str, with_images: bool = True) -> SessionData:
+    record = journal.get_session(session_id)
+    generations = journal.generations(session_id)
+    known = {g.generation for g in generations}
+    # Reads are separate transactions; keep only rows of generations seen in the first read, so a
+    # generation proposed meanwhile does not appear half-exported.
+    stimuli = [s for s in journal.stimuli(session_id, with_images=with_images) if s.generation in known]
+    responses = [r for r in journal.responses(session_id) if r.generation in known]
+    natural = journal.natural_images(session_id, with_data=with_images)
+    return SessionData(record, generations, stimuli, responses, natural)
+
+
+def export_session(
+    journal: Journal, session_id: str, path: Path, fmt: str = "nwb", with_images: bool = True
+) -> Path:
+    fmt = fmt.lower() or "nwb"
+    if fmt not in FORMATS:
+        raise InvalidInput(f"export format {fmt!r}: expected one of {FORMATS}")
+    data = collect(journal, session_id, with_images)
+    path = Path(path)
+    if fmt == "nwb":
+        write_nwb(data, path, with_images)
+    else:
+        write_hdf5(data, path, with_images)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared tables
+
+
+def _scores(data: SessionData, means: np.ndarray) -> np.ndarray:
+    from neurotwin.engines.closed_loop import objective_scores
+
+    if not len(means):
+        return np.zeros(0)
+    return objective_scores(means, data.config["target_neurons"], data.config["objective"])
+
+
+@dataclass
+class _Presentations:
+    stimuli: list[StimulusRecord]
+    responses: list[ResponseRecord]
+    means: np.ndarray
+    scores: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+    received: np.ndarray
+    onset: np.ndarray
+    duration: np.ndarray
+
+
+def _presentations(data: SessionData) -> _Presentations:
+    pairs = data.told()
+    neurons = int(data.config["neuron_count"])
+    stimuli = [s for s, _ in pairs]
+    responses = [r for _, r in pairs]
+    means = np.stack([r.mean for r in responses]) if responses else np.zeros((0, neurons))
+    created = data.record.created
+    received = np.array([r.received - created for r in responses], dtype=np.float64)
+    onset = np.array([np.nan if r.onset is None else r.onset for r in responses], dtype=np.float64)
+    duration = np.array([np.nan if r.duration is None else r.duration for r in responses], dtype=np.float64)
+    start = np.where(np.isnan(onset), received, onset)
+    stop = start + np.nan_to_num(duration, nan=0.0)
+    return _Presentations(
+        stimuli, responses, means, _scores(data, means), start, stop, received, onset, duration
+    )
+
+
+def _latent_matrix(stimuli: list[StimulusRecord], dim: int) -> np.ndarray:
+    latents = np.full((len(stimuli), dim), np.nan)
+    for i, s in enumerate(stimuli):
+        if s.latent is not None:
+            latents[i] = s.latent
+    return latents
+
+
+def _trajectory(data: SessionData) -> dict[str, np.ndarray]:
+    """Per-generation columns: times, objective statistics, optimizer scalars, latent mean."""
+    dim = int(data.config["latent_dim"])
+    gens = data.generations
+    keys = sorted({k for g in gens for k, v in g.summary.items() if isinstance(v, int | float)})
+    columns: dict[str, np.ndarray] = {
+        "generation": np.array([g.generation for g in gens], dtype=np.int64),
+        "created": np.array([g.created - data.record.created for g in gens], dtype=np.float64),
+        "told": np.array(
+            [np.nan if g.told is None else g.told - data.record.created for g in gens], dtype=np.float64
+        ),
+    }
+    for key in keys:
+        columns[key] = np.array([float(g.summary.get(key, np.nan)) for g in gens], dtype=np.float64)
+    latent_mean = np.full((len(gens), dim), np.nan)
+    for i, g in enumerate(gens):
+        if g.summary.get("latent_mean"):
+            latent_mean[i] = g.summary["latent_mean"]
+    columns["latent_mean"] = latent_mean
+    columns["ranking"] = np.array([str(g.meta.get("ranking", "")) for g in gens], dtype=object)
+    return columns
+
+
+def _models(config: dict[str, Any]) -> list[tuple[str, str, int]]:
+    models = [("generator", config["generator"], int(config["generator_version"]))]
+    if config.get("twin"):
+        models.append(("twin", config["twin"], int(config["twin_version"])))
+    return models
+
+
+def _neuron_ids(config: dict[str, Any]) -> list[str]:
+    return list(config.get("neuron_ids") or [f"neuron{i}" for i in range(int(config["neuron_count"]))])
+
+
+def _image_table(data: SessionData) -> tuple[list[tuple[str, bytes | None]], dict[tuple[int, int], int]]:
+    """Distinct images (name, bytes) and, per (generation, index), the image's row."""
+    images: list[tuple[str, bytes | None]] = []
+    row_of: dict[tuple[int, int], int] = {}
+    natural_row: dict[int, int] = {}
+    names = {n.index: n.name for n in data.natural}
+    for s in data.stimuli:
+        if s.kind == NATURAL and s.natural_index is not None:
+            if s.natural_index not in natural_row:
+                natural_row[s.natural_index] = len(images)
+                images.append((f"natural{s.natural_index:05d}_{names.get(s.natural_index, '')}", s.image))
+            row_of[(s.generation, s.index)] = natural_row[s.natural_index]
+        else:
+            row_of[(s.generation, s.index)] = len(images)
+            images.append((s.stimulus_id, s.image))
+    return images, row_of
+
+
+# ------------------------------------------------------------------------------------------------
+# NWB
+
+
+def write_nwb(data: SessionData, path: Path, with_images: bool = True) -> None:
+    from hdmf.common import DynamicTable, VectorData
+    from pynwb import NWBHDF5IO, NWBFile, TimeSeries
+    from pynwb.base import ImageReferences, Images
+    from pynwb.image import IndexSeries, RGBImage
+
+    config = data.config
+    record = data.record
+    created = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
+    nwb = NWBFile(
+        session_description=f"neurotwin closed-loop session {record.session_id}: "
+        f"{config['optimizer']} over {config['generator']} v{config['generator_version']}"
+        + (f", twin-guided by {config['twin']} v{config['twin_version']}" if config.get("twin") else ""),
+        identifier=f"neurotwin-closed-loop-{record.session_id}",
+        session_start_time=created,
+        session_id=record.session_id,
+        notes=json.dumps({"settings": config, "status": record.status, "best": record.best}, sort_keys=True),
+        stimulus_notes=config.get("description", ""),
+        source_script="neurotwin.engines.session_export",
+        source_script_file_name="session_export.py",
+    )
+    p = _presentations(data)
+    images, row_of = _image_table(data)
+    indexed: Images | None = None
+    if with_images and images:
+        rgb = [
+            RGBImage(name=name, data=decode_image(blob, what=name), description=name)
+            for name, blob in images
+            if blob is not None
+        ]
+        if len(rgb) == len(images):
+            indexed = Images(
+                name="stimuli",
+                images=rgb,
+                description="every distinct presented image (synthetic stimuli and natural references)",
+                order_of_images=ImageReferences(name="order_of_images", data=rgb),
+            )
+            nwb.add_stimulus_template(indexed)
+    if indexed is not None and len(p.stimuli):
+        nwb.add_stimulus(
+            IndexSeries(
+                name="presentations",
+                data=np.array([row_of[(s.generation, s.index)] for s in p.stimuli], dtype=np.uint32),
+                indexed_images=indexed,
+                unit="N/A",
+                timestamps=p.start,
+                description="index into stimulus_templates/stimuli of each told presentation",
+            )
+        )
+
+    neurons = int(config["neuron_count"])
+    dim = int(config["latent_dim"])
+    columns = [
+        ("generation", "generation index"),
+        ("stimulus_index", "position in the generation (presentation order)"),
+        ("stimulus_id", "stimulus id"),
+        ("kind", "synthetic or natural"),
+        ("image_index", "row of stimulus_templates/stimuli"),
+        ("sha256", "sha256 of the presented image bytes"),
+        ("latent", "latent code (NaN for natural images)"),
+        ("objective", f"measured objective ({config['objective']} over target neurons)"),
+        ("predicted_score", "twin-predicted ranking score (NaN without a twin)"),
+        ("responses", "responses averaged over repeats, one per neuron"),
+        ("server_received_time", "when the server received the responses, seconds from session start"),
+        ("rig_onset_time", "onset reported by the rig (NaN when not given)"),
+    ]
+    for name, description in columns:
+        nwb.add_trial_column(name=name, description=description)
+    nwb.add_trial_column(name="repeats", description="every repeat's responses", index=True)
+    for i, (s, r) in enumerate(zip(p.stimuli, p.responses, strict=True)):
+        nwb.add_trial(
+            start_time=float(p.start[i]),
+            stop_time=float(p.stop[i]),
+            generation=s.generation,
+            stimulus_index=s.index,
+            stimulus_id=s.stimulus_id,
+            kind=s.kind,
+            image_index=row_of[(s.generation, s.index)],
+            sha256=s.sha256,
+            latent=s.latent if s.latent is not None else np.full(dim, np.nan),
+            objective=float(p.scores[i]),
+            predicted_score=np.nan if s.predicted_score is None else s.predicted_score,
+            responses=p.means[i].astype(np.float32),
+            server_received_time=float(p.received[i]),
+            rig_onset_time=float(p.onset[i]),
+            repeats=[row.astype(np.float32) for row in r.repeats],
+        )
+    if len(p.stimuli):
+        nwb.add_acquisition(
+            TimeSeries(
+                name="responses",
+                data=p.means.astype(np.float32).reshape(-1, neurons),
+                unit=RESPONSE_UNIT,
+                timestamps=p.start,
+                description="mean response of every recorded neuron to each told presentation",
+            )
+        )
+
+    module = nwb.create_processing_module("closed_loop", "optimizer trajectory, models and neurons")
+    trajectory = _trajectory(data)
+    module.add(
+        DynamicTable(
+            name="generations",
+            description="one row per generation: times (s from session start), objective statistics of "
+            "its synthetic (and natural) images, optimizer scalars, mean latent of the presented images",
+            columns=[
+                VectorData(name=k, description=k, data=v.tolist() if v.dtype == object else v)
+                for k, v in trajectory.items()
+            ],
+        )
+    )
+    models = _models(config)
+    module.add(
+        DynamicTable(
+            name="models",
+            description="store models used by the session (generator; twin when guided)",
+            columns=[
+                VectorData(name="role", description="generator or twin", data=[m[0] for m in models]),
+                VectorData(
+                    name="model_name", description="model name in the store", data=[m[1] for m in models]
+                ),
+                VectorData(name="version", description="store version", data=[m[2] for m in models]),
+            ],
+        )
+    )
+    ids = _neuron_ids(config)
+    targets = set(config["target_neurons"])
+    module.add(
+        DynamicTable(
+            name="neurons",
+            description="recorded neurons in response-column order",
+            columns=[
+                VectorData(name="neuron_id", description="id given at creation", data=ids),
+                VectorData(
+                    name="target",
+                    description="whether the objective drives this neuron",
+                    data=[i in targets for i in range(len(ids))],
+                ),
+            ],
+        )
+    )
+    with NWBHDF5IO(str(path), "w") as io:
+        io.write(nwb)
+
+
+# ------------------------------------------------------------------------------------------------
+# HDF5
+
+
+def write_hdf5(data: SessionData, path: Path, with_images: bool = True) -> None:
+    import h5py
+
+    config = data.config
+    record = data.record
+    p = _presentations(data)
+    images, row_of = _image_table(data)
+    strings = h5py.string_dtype()
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = HDF5_FORMAT
+        f.attrs["session_id"] = record.session_id
+        f.attrs["settings"] = json.dumps(config, sort_keys=True)
+        f.attrs["status"] = record.status
+        f.attrs["best"] = json.dumps(record.best)
+        f.attrs["created"] = record.created
+
+        stim = f.create_group("stimuli")
+        stim.attrs["description"] = "every distinct presented image, in first-presentation order"
+        stim.create_dataset("name", data=np.array([name for name, _ in images], dtype=object), dtype=strings)
+        if with_images and images and all(blob is not None for _, blob in images):
+            pixels = np.stack([decode_image(blob, what=name) for name, blob in images if blob is not None])
+            stim.create_dataset("images", data=pixels, compression="gzip", compression_opts=1)
+
+        pres = f.create_group("presentations")
+        pres.attrs["description"] = "one row per told presentation, in (generation, index) order"
+        n = len(p.stimuli)
+        pres.create_dataset("generation", data=np.array([s.generation for s in p.stimuli], dtype=np.int64))
+        pres.create_dataset("stimulus_index", data=np.array([s.index for s in p.stimuli], dtype=np.int64))
+        pres.create_dataset(
+            "stimulus_id", data=np.array([s.stimulus_id for s in p.stimuli], dtype=object), dtype=strings
+        )
+        pres.create_dataset("kind", data=np.array([s.kind for s in p.stimuli], dtype=object), dtype=strings)
+        pres.create_dataset(
+            "sha256", data=np.array([s.sha256 for s in p.stimuli], dtype=object), dtype=strings
+        )
+        pres.create_dataset(
+            "image_index", data=np.array([row_of[(s.generation, s.index)] for s in p.stimuli], dtype=np.int64)
+        )
+        pres.create_dataset(
+            "natural_index",
+            data=np.array(
+                [-1 if s.natural_index is None else s.natural_index for s in p.stimuli], dtype=np.int64
+            ),
+        )
+        pres.create_dataset("latent", data=_latent_matrix(p.stimuli, int(config["latent_dim"])))
+        pres.create_dataset("objective", data=p.scores)
+        pres.create_dataset(
+            "predicted_score",
+            data=np.array([np.nan if s.predicted_score is None else s.predicted_score for s in p.stimuli]),
+        )
+        pres.create_dataset("responses", data=p.means.reshape(n, int(config["neuron_count"])))
+        repeats = [r.repeats for r in p.responses]
+        counts = np.array([len(r) for r in repeats], dtype=np.int64)
+        pres.create_dataset("repeat_count", data=counts)
+        pres.create_dataset(
+            "repeats",
+            data=np.concatenate(repeats)
+            if repeats
+            else np.zeros((0, int(config["neuron_count"])), np.float32),
+        )
+        pres["repeats"].attrs["description"] = (
+            "all repeats stacked; rows of presentation i start at sum(repeat_count[:i])"
+        )
+        for name, values in (
+            ("start_time", p.start),
+            ("stop_time", p.stop),
+            ("server_received_time", p.received),
+            ("rig_onset_time", p.onset),
+            ("rig_duration", p.duration),
+        ):
+            pres.create_dataset(name, data=values)
+
+        gens = f.create_group("generations")
+        gens.attrs["description"] = "optimizer trajectory, one row per generation"
+        for key, values in _trajectory(data).items():
+            if values.dtype == object:
+                gens.create_dataset(key, data=values, dtype=strings)
+            else:
+                gens.create_dataset(key, data=values)
+
+        nat = f.create_group("natural_set")
+        nat.create_dataset("name", data=np.array([x.name for x in data.natural], dtype=object), dtype=strings)
+        nat.create_dataset(
+            "sha256", data=np.array([x.sha256 for x in data.natural], dtype=object), dtype=strings
+        )
+
+        models = f.create_group("models")
+        for role, name, version in _models(config):
+            models.attrs[f"{role}_name"] = name
+            models.attrs[f"{role}_version"] = version
+        f.create_dataset("neuron_ids", data=np.array(_neuron_ids(config), dtype=object), dtype=strings)
+        f.create_dataset("target_neurons", data=np.array(config["target_neurons"], dtype=np.int64))

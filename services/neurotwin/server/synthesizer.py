@@ -1,0 +1,766 @@
+"""The stimulus-synthesis service: ``neurotwin.v1.StimulusSynthesizer``.
+
+Thin by design: a request is validated and turned into a job of the synthesis engine
+(``neurotwin.engines.synthesis``), whose scheduler steps all concurrent jobs on the same twin and
+generator as one batch; the job's progress events and final result are turned back into messages.
+
+:class:`SynthesizerService` holds everything but gRPC (the model cache, the scheduler, metrics), so
+``neurotwin synthesize`` runs exactly the same code in-process, without a server. ``attach`` puts it on
+a :class:`~neurotwin.server.common.GrpcServer`, which brings TLS, tokens, health, reflection, metrics
+export and graceful drain.
+
+Cancellation: when the call ends early (client cancel, deadline, drain timeout), gRPC runs the call's
+callback, which cancels the job; the scheduler checks cancellation and deadlines before every step,
+so the work stops within one step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from neurotwin.card import GeneratorCard, PredictorCard
+from neurotwin.engines.objectives import ObjectiveSpec, build_objective
+from neurotwin.engines.optimizers import GradientConfig
+from neurotwin.engines.synthesis import (
+    MAX_IMAGES_PER_JOB,
+    ModelPair,
+    Progress,
+    SynthesisJob,
+    SynthesisRequest,
+    SynthesisResult,
+    SynthesisScheduler,
+    TickInfo,
+)
+from neurotwin.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidInput,
+    NeurotwinError,
+    NotFound,
+    ResourceExhausted,
+)
+from neurotwin.imagecodec import encode_image, resize_uint8
+from neurotwin.server.common import LATENCY_BUCKETS, GrpcServer, deadline_from
+from neurotwin.store import GENERATORS, PREDICTORS, ModelStore, ModelVersion, validate_generator
+from neurotwin.v1 import synthesizer_pb2 as pb
+from neurotwin.v1 import synthesizer_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SECTION = "synthesizer"
+SERVICE_NAME = "neurotwin.v1.StimulusSynthesizer"
+# The generator-free prior: a Fourier pixel parameterization built at the twin's input size.
+PIXELS = "pixels"
+IMAGE_FORMATS = {"": "png", "png": "png", "jpeg": "jpeg", "jpg": "jpeg"}
+METHOD_NAMES = {
+    pb.SynthesizeRequest.METHOD_UNSPECIFIED: "gradient",
+    pb.SynthesizeRequest.GRADIENT: "gradient",
+    pb.SynthesizeRequest.CMAES: "cmaes",
+    pb.SynthesizeRequest.GENETIC: "genetic",
+}
+MIN_IMAGE_SIZE = 8
+JOB_BUCKETS = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+OCCUPANCY_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def _default_store() -> str:
+    return os.environ.get("NEUROTWIN_MODEL_STORE", "model_store")
+
+
+@dataclass
+class Settings:
+    """Settings of the synthesizer service (section ``synthesizer``, env ``NEUROTWIN_SYNTHESIZER_*``)."""
+
+    model_store: str = field(default_factory=_default_store)
+    # Generator used when a request names none ("pixels": the Fourier pixel parameterization).
+    default_generator: str = "v4-dcgan"
+    # "auto" (CUDA when available), "cpu" or "cuda".
+    device: str = "auto"
+    # Jobs admitted at once (queued + running); beyond it, RESOURCE_EXHAUSTED.
+    max_jobs: int = 16
+    # Most images one request may ask for.
+    max_images: int = 16
+    # Images per batched forward pass; more concurrent images take several passes per step.
+    max_batch_images: int = 256
+    # Default budgets: gradient steps; twin evaluations per image for CMA-ES and the genetic algorithm.
+    gradient_budget: int = 200
+    cmaes_budget: int = 3000
+    genetic_budget: int = 3000
+    # Largest budgets a request may ask for.
+    max_gradient_steps: int = 5000
+    max_evaluations: int = 100_000
+    # Largest output image side in pixels (outputs are resized from the twin's input size).
+    max_image_size: int = 1024
+    # Random jitter/scale/rotation of the images during gradient ascent (robust, less adversarial).
+    gradient_transforms: bool = True
+    # bfloat16 autocast on CUDA.
+    amp: bool = False
+    # Twin/generator pairs kept loaded (least recently used ones are dropped first).
+    max_loaded_pairs: int = 4
+    # Images ONNX Runtime and the converted twin are compared on when a twin is loaded; 0 skips it.
+    parity_images: int = 4
+
+    def torch_device(self) -> torch.device:
+        choice = self.device.strip().lower()
+        if choice == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if choice not in ("cpu", "cuda") and not choice.startswith("cuda:"):
+            raise InvalidInput(f"synthesizer device {self.device!r}: expected auto, cpu or cuda")
+        if choice.startswith("cuda") and not torch.cuda.is_available():
+            raise InvalidInput("synthesizer device cuda: no CUDA device is available")
+        return torch.device(choice)
+
+    def budget_for(self, method: str) -> int:
+        return {"gradient": self.gradient_budget, "cmaes": self.cmaes_budget}.get(method, self.genetic_budget)
+
+
+_HELP = {
+    "default_generator": "generator used when a request names none; 'pixels' for no generator "
+    "(default v4-dcgan)",
+    "device": "auto, cpu or cuda (default auto)",
+    "max_jobs": "synthesis jobs admitted at once, queued + running; beyond it RESOURCE_EXHAUSTED "
+    "(default 16)",
+    "max_images": "most images one request may ask for (default 16)",
+    "max_batch_images": "images per batched forward pass (default 256)",
+    "gradient_budget": "default gradient steps (default 200)",
+    "cmaes_budget": "default CMA-ES twin evaluations per image (default 3000)",
+    "genetic_budget": "default genetic-algorithm twin evaluations per image (default 3000)",
+    "max_gradient_steps": "largest gradient budget a request may ask for (default 5000)",
+    "max_evaluations": "largest CMA-ES/GA budget a request may ask for (default 100000)",
+    "max_image_size": "largest output image side in pixels (default 1024)",
+    "gradient_transforms": "jitter/scale/rotate images during gradient ascent (default true)",
+    "amp": "bfloat16 autocast on CUDA (default false)",
+    "max_loaded_pairs": "twin/generator pairs kept loaded (default 4)",
+    "parity_images": "images for the ONNX-vs-torch parity check when a twin loads; 0 skips it (default 4)",
+}
+
+
+def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    for f in dataclasses.fields(Settings):
+        if f.name == "model_store":  # shared by every service; the serve command adds it
+            continue
+        parser.add_argument(
+            f"--{SECTION}-{f.name.replace('_', '-')}",
+            dest=f.name,
+            default=None,
+            metavar=f.name.upper(),
+            help=_HELP.get(f.name),
+        )
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+
+class SynthesizerMetrics:
+    """Service metrics, registered on the server's registry (or a private one in-process)."""
+
+    RATE_WINDOW_S = 10.0
+
+    def __init__(self, registry: CollectorRegistry, scheduler: SynthesisScheduler) -> None:
+        self._scheduler = scheduler
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._lock = threading.Lock()
+        self.jobs = Counter(
+            "neurotwin_synthesizer_jobs",
+            "Finished synthesis jobs by method and outcome (ok, cancelled, deadline, failed)",
+            ["method", "outcome"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "neurotwin_synthesizer_jobs_rejected",
+            "Requests refused at admission (scheduler full) or as invalid",
+            ["reason"],
+            registry=registry,
+        )
+        self.job_seconds = Histogram(
+            "neurotwin_synthesizer_job_seconds",
+            "Wall time of a synthesis job, from submission to its result",
+            ["method"],
+            buckets=JOB_BUCKETS,
+            registry=registry,
+        )
+        self.queued_seconds = Histogram(
+            "neurotwin_synthesizer_queued_seconds",
+            "Time a job waited before its first step",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.step_seconds = Histogram(
+            "neurotwin_synthesizer_step_seconds",
+            "Time of one batched step (forward, and backward for gradient jobs)",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.job_steps = Counter(
+            "neurotwin_synthesizer_job_steps",
+            "Optimization steps taken, counted once per job in each batched step",
+            registry=registry,
+        )
+        self.batch_jobs = Histogram(
+            "neurotwin_synthesizer_batch_jobs",
+            "Jobs sharing one batched step (batch occupancy)",
+            buckets=OCCUPANCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_images = Histogram(
+            "neurotwin_synthesizer_batch_images",
+            "Images in one batched step",
+            buckets=IMAGE_BUCKETS,
+            registry=registry,
+        )
+        steps_rate = Gauge(
+            "neurotwin_synthesizer_steps_per_second",
+            f"Job steps per second over the last {self.RATE_WINDOW_S:g} s",
+            registry=registry,
+        )
+        steps_rate.set_function(self.steps_per_second)
+        active = Gauge("neurotwin_synthesizer_jobs_active", "Jobs taking steps", registry=registry)
+        active.set_function(lambda: scheduler.stats().active)
+        queued = Gauge(
+            "neurotwin_synthesizer_jobs_queued",
+            "Jobs admitted, waiting for their first step",
+            registry=registry,
+        )
+        queued.set_function(lambda: scheduler.stats().pending)
+        if scheduler.device.type == "cuda":
+            device = scheduler.device
+            allocated = Gauge(
+                "neurotwin_synthesizer_gpu_memory_allocated_bytes",
+                "GPU memory held by tensors on the synthesis device",
+                registry=registry,
+            )
+            allocated.set_function(lambda: torch.cuda.memory_allocated(device))
+            reserved = Gauge(
+                "neurotwin_synthesizer_gpu_memory_reserved_bytes",
+                "GPU memory reserved by torch's caching allocator on the synthesis device",
+                registry=registry,
+            )
+            reserved.set_function(lambda: torch.cuda.memory_reserved(device))
+            peak = Gauge(
+                "neurotwin_synthesizer_gpu_memory_peak_bytes",
+                "Peak GPU memory held by tensors since the service started",
+                registry=registry,
+            )
+            peak.set_function(lambda: torch.cuda.max_memory_allocated(device))
+
+    def on_tick(self, tick: TickInfo) -> None:
+        self.step_seconds.labels(tick.method).observe(tick.seconds)
+        self.job_steps.inc(tick.jobs)
+        self.batch_jobs.observe(tick.jobs)
+        self.batch_images.observe(tick.images)
+        now = time.monotonic()
+        with self._lock:
+            self._recent.append((now, tick.jobs))
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._recent and self._recent[0][0] < now - self.RATE_WINDOW_S:
+            self._recent.popleft()
+
+    def steps_per_second(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            self._trim(now)
+            return sum(n for _, n in self._recent) / self.RATE_WINDOW_S
+
+
+# -- model pairs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PairKey:
+    model: str
+    model_version: int
+    generator: str
+    generator_version: int
+
+    def __str__(self) -> str:
+        gen = self.generator if self.generator == PIXELS else f"{self.generator}/{self.generator_version}"
+        return f"{self.model}/{self.model_version}|{gen}"
+
+
+@dataclass(eq=False)
+class LoadedPair:
+    key: _PairKey
+    pair: ModelPair
+    card: PredictorCard
+    generator_card: GeneratorCard | None
+
+
+class PairCache:
+    """Twin + generator pairs, loaded on first use and kept (LRU). Loading happens outside the lock,
+    one load per key at a time, so a slow load does not hold up requests for pairs already loaded."""
+
+    def __init__(self, store: ModelStore, settings: Settings, device: torch.device) -> None:
+        self.store = store
+        self.settings = settings
+        self.device = device
+        self._lock = threading.Lock()
+        self._pairs: collections.OrderedDict[_PairKey, LoadedPair] = collections.OrderedDict()
+        self._twins: dict[tuple[str, int], tuple[torch.nn.Module, PredictorCard]] = {}
+        self._loading: dict[_PairKey, threading.Lock] = {}
+
+    def resolve(self, model: str, model_version: int, generator: str, generator_version: int) -> _PairKey:
+        """Names and versions -> the exact pair; NotFound for anything the store does not have."""
+        if not model:
+            raise InvalidInput("model: name the twin to synthesize for")
+        twin = self.store.resolve(PREDICTORS, model, model_version or None)
+        generator = generator or self.settings.default_generator
+        if generator == PIXELS:
+            if generator_version:
+                raise InvalidInput("generator 'pixels' has no versions; leave generator_version at 0")
+            return _PairKey(twin.name, twin.version, PIXELS, 0)
+        gen = self.store.resolve(GENERATORS, generator, generator_version or None)
+        return _PairKey(twin.name, twin.version, gen.name, gen.version)
+
+    def get(self, key: _PairKey) -> LoadedPair:
+        with self._lock:
+            loaded = self._pairs.get(key)
+            if loaded is not None:
+                self._pairs.move_to_end(key)
+                return loaded
+            gate = self._loading.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                loaded = self._pairs.get(key)
+                if loaded is not None:
+                    return loaded
+            loaded = self._load(key)
+            with self._lock:
+                self._pairs[key] = loaded
+                self._loading.pop(key, None)
+                while len(self._pairs) > max(1, self.settings.max_loaded_pairs):
+                    # Running jobs keep their own reference; dropping the entry only stops reuse.
+                    old_key, _ = self._pairs.popitem(last=False)
+                    if not any(
+                        k.model == old_key.model and k.model_version == old_key.model_version
+                        for k in self._pairs
+                    ):
+                        self._twins.pop((old_key.model, old_key.model_version), None)
+            return loaded
+
+    def _twin(self, key: _PairKey) -> tuple[torch.nn.Module, PredictorCard]:
+        from neurotwin.runtimes.onnx_torch import load_differentiable_twin
+
+        twin_key = (key.model, key.model_version)
+        with self._lock:
+            cached = self._twins.get(twin_key)
+        if cached is not None:
+            return cached
+        version = self.store.resolve(PREDICTORS, key.model, key.model_version)
+        started = time.perf_counter()
+        module, card = load_differentiable_twin(
+            version, self.device, parity_images=max(0, self.settings.parity_images)
+        )
+        log.info("synthesizer: loaded twin %s in %.2f s", version, time.perf_counter() - started)
+        with self._lock:
+            self._twins[twin_key] = (module, card)
+        return module, card
+
+    def _load(self, key: _PairKey) -> LoadedPair:
+        from neurotwin.runtimes.generators import FourierPixels, load_generator
+
+        twin, card = self._twin(key)
+        generator_card: GeneratorCard | None = None
+        if key.generator == PIXELS:
+            prior: torch.nn.Module = FourierPixels(resolution=max(card.input.height, card.input.width))
+            prior = prior.to(self.device).eval().requires_grad_(False)
+        else:
+            version = ModelVersion(
+                GENERATORS,
+                key.generator,
+                key.generator_version,
+                self.store.root / GENERATORS / key.generator / str(key.generator_version),
+            )
+            prior = load_generator(version, self.device)
+            generator_card = prior.card
+        pair = ModelPair(twin=twin, prior=prior, card=card, key=str(key))
+        return LoadedPair(key, pair, card, generator_card)
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return [str(k) for k in self._pairs]
+
+
+# -- the service -----------------------------------------------------------------------------------
+
+
+@dataclass
+class JobRecord:
+    """What the service remembers of a recent job (for status pages and tests)."""
+
+    job: SynthesisJob
+    key: str
+    method: str
+    submitted: float
+
+
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise InvalidInput(f"{what} must be a finite number, got {value}")
+    return value
+
+
+class SynthesizerService:
+    """Requests in, response messages out; no gRPC. Used by the servicer and by the CLI in-process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        *,
+        start: bool = True,
+    ) -> None:
+        for name in ("max_jobs", "max_images", "max_batch_images", "max_image_size"):
+            if getattr(settings, name) < 1:
+                raise InvalidInput(f"synthesizer {name} must be >= 1, got {getattr(settings, name)}")
+        self.settings = settings
+        self.device = settings.torch_device()
+        self.store = ModelStore(settings.model_store)
+        self.pairs = PairCache(self.store, settings, self.device)
+        self.scheduler = SynthesisScheduler(
+            device=self.device,
+            max_jobs=settings.max_jobs,
+            max_batch_images=settings.max_batch_images,
+            amp=settings.amp,
+        )
+        self.metrics = SynthesizerMetrics(registry or CollectorRegistry(), self.scheduler)
+        self.scheduler.on_tick = self.metrics.on_tick
+        self.recent: collections.deque[JobRecord] = collections.deque(maxlen=64)
+        if start:
+            self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    # -- request -> engine job ----------------------------------------------------------------------
+
+    def _method(self, request: pb.SynthesizeRequest) -> str:
+        method = METHOD_NAMES.get(request.method)
+        if method is None:
+            raise InvalidInput(f"method {request.method}: expected GRADIENT, CMAES or GENETIC")
+        return method
+
+    def _budget(self, request: pb.SynthesizeRequest, method: str) -> int:
+        budget = int(request.budget) or self.settings.budget_for(method)
+        limit = self.settings.max_gradient_steps if method == "gradient" else self.settings.max_evaluations
+        if budget > limit:
+            unit = "steps" if method == "gradient" else "evaluations per image"
+            raise InvalidInput(f"budget {budget} {unit} exceeds this server's limit of {limit}")
+        if method != "gradient" and budget < 2:
+            raise InvalidInput(f"budget {budget}: {method} needs at least one generation of evaluations")
+        return budget
+
+    def _objective_spec(self, objective: pb.Objective, card: PredictorCard) -> ObjectiveSpec:
+        if objective.neurons and objective.neuron_ids:
+            raise InvalidInput("objective: give neuron indices or neuron ids, not both")
+        neurons: list[int | str] = list(objective.neurons) or list(objective.neuron_ids)
+        if not neurons:
+            raise InvalidInput("objective: name at least one neuron (index or id)")
+        unknown = [n for n in objective.neuron_ids if n not in card.neuron_ids]
+        if unknown:
+            raise InvalidInput(f"objective: neuron ids {unknown[:5]} are not in the twin {card.name}")
+        diversity = _finite(float(objective.diversity_weight), "objective diversity_weight")
+        temperature = _finite(float(objective.temperature), "objective temperature")
+        if temperature < 0:
+            raise InvalidInput(f"objective temperature must be >= 0, got {temperature}")
+        kind = objective.kind
+        if kind in (pb.Objective.KIND_UNSPECIFIED, pb.Objective.SINGLE_NEURON):
+            if len(neurons) != 1:
+                raise InvalidInput(
+                    f"SINGLE_NEURON takes one neuron, got {len(neurons)}; use WEIGHTED_POPULATION"
+                )
+            if objective.weights:
+                raise InvalidInput("weights are only for WEIGHTED_POPULATION")
+            return ObjectiveSpec("neuron", neurons, diversity=diversity)
+        if kind == pb.Objective.WEIGHTED_POPULATION:
+            weights = [float(w) for w in objective.weights] or [1.0] * len(neurons)
+            if len(weights) != len(neurons):
+                raise InvalidInput(f"WEIGHTED_POPULATION: {len(neurons)} neurons but {len(weights)} weights")
+            for w in weights:
+                _finite(w, "objective weight")
+            return ObjectiveSpec("population", neurons, weights=weights, diversity=diversity)
+        if kind == pb.Objective.ONE_HOT_POPULATION:
+            if objective.weights:
+                raise InvalidInput("weights are only for WEIGHTED_POPULATION")
+            return ObjectiveSpec(
+                "one_hot",
+                neurons[:1],
+                population=neurons[1:] or None,
+                temperature=temperature or 1.0,
+                diversity=diversity,
+            )
+        raise InvalidInput(f"objective kind {kind}: expected SINGLE_NEURON, WEIGHTED_POPULATION or ONE_HOT")
+
+    def _check_shape(self, request: pb.SynthesizeRequest) -> tuple[str, int]:
+        """Checks that need no model: image count, format, size, numbers."""
+        limit = min(self.settings.max_images, MAX_IMAGES_PER_JOB)
+        if not 1 <= request.num_images <= limit:
+            raise InvalidInput(f"num_images {request.num_images}: must be 1 to {limit}")
+        fmt = IMAGE_FORMATS.get(request.image_format.strip().lower())
+        if fmt is None:
+            raise InvalidInput(f"image_format {request.image_format!r}: expected 'png' or 'jpeg'")
+        size = int(request.image_size)
+        if size and not MIN_IMAGE_SIZE <= size <= self.settings.max_image_size:
+            raise InvalidInput(
+                f"image_size {size}: must be 0 (the twin's input size) or "
+                f"{MIN_IMAGE_SIZE} to {self.settings.max_image_size}"
+            )
+        lr = _finite(float(request.learning_rate), "learning_rate")
+        if lr < 0:
+            raise InvalidInput(f"learning_rate must be >= 0, got {lr}")
+        return fmt, size
+
+    def build(
+        self, request: pb.SynthesizeRequest, deadline: float | None = None
+    ) -> tuple[LoadedPair, SynthesisRequest]:
+        """Validate a request and load what it needs. InvalidInput / NotFound / ResourceExhausted."""
+        self._check_shape(request)
+        method = self._method(request)
+        budget = self._budget(request, method)
+        key = self.pairs.resolve(
+            request.model, request.model_version, request.generator, request.generator_version
+        )
+        # Refuse before loading anything when the scheduler is already full (submit checks again).
+        if self.scheduler.load >= self.settings.max_jobs:
+            raise ResourceExhausted(
+                f"synthesis is at its limit of {self.settings.max_jobs} concurrent requests; retry later"
+            )
+        loaded = self.pairs.get(key)
+        spec = self._objective_spec(request.objective, loaded.card)
+        objective = build_objective(spec, loaded.card.neuron_ids)
+        gradient = None
+        if method == "gradient":
+            prior = loaded.pair.latent_prior()
+            low, high = prior.get("min"), prior.get("max")
+            bounds = None if low is None and high is None else (low, high)
+            gradient = GradientConfig(
+                steps=budget,
+                lr=float(request.learning_rate) or GradientConfig.lr,
+                latent_std=float(prior.get("std", 1.0)) or 1.0,
+                bounds=bounds,
+                transforms=self.settings.gradient_transforms,
+            )
+        job_request = SynthesisRequest(
+            objective=objective,
+            method=method,
+            budget=budget,
+            n_images=int(request.num_images),
+            seed=int(request.seed),
+            preview_every=int(request.preview_every),
+            gradient=gradient,
+            deadline=deadline,
+            name=str(key),
+        )
+        return loaded, job_request
+
+    def submit(
+        self, request: pb.SynthesizeRequest, deadline: float | None = None
+    ) -> tuple[SynthesisJob, LoadedPair]:
+        try:
+            loaded, job_request = self.build(request, deadline)
+            job = self.scheduler.submit(loaded.pair, job_request)
+        except ResourceExhausted:
+            self.metrics.rejected.labels("full").inc()
+            raise
+        except (InvalidInput, NotFound):
+            self.metrics.rejected.labels("invalid").inc()
+            raise
+        self.recent.append(JobRecord(job, str(loaded.key), job_request.method, time.monotonic()))
+        return job, loaded
+
+    # -- engine events -> messages ------------------------------------------------------------------
+
+    def run(
+        self,
+        request: pb.SynthesizeRequest,
+        deadline: float | None = None,
+        on_submit: Callable[[SynthesisJob], None] | None = None,
+    ) -> Iterator[pb.SynthesizeResponse]:
+        """Progress messages, then the result message. Closing the iterator early cancels the job."""
+        fmt, size = self._check_shape(request)
+        job, loaded = self.submit(request, deadline)
+        method = job.request.method
+        outcome = "failed"
+        try:
+            if on_submit is not None:
+                on_submit(job)
+            for event in job.events():
+                if isinstance(event, Progress):
+                    yield pb.SynthesizeResponse(progress=self._progress(event, fmt, size))
+                elif isinstance(event, SynthesisResult):
+                    message = self._result(event, job, loaded, fmt, size)
+                    outcome = "ok"
+                    yield pb.SynthesizeResponse(result=message)
+        except Cancelled:
+            outcome = "cancelled"
+            raise
+        except DeadlineExceeded:
+            outcome = "deadline"
+            raise
+        except GeneratorExit:
+            # The consumer went away (a cancelled call): stop the engine work too.
+            outcome = "cancelled"
+            raise
+        finally:
+            if not job.done:
+                job.cancel()
+                if outcome == "failed":
+                    outcome = "cancelled"
+            self.metrics.jobs.labels(method, outcome).inc()
+            self.metrics.job_seconds.labels(method).observe(time.monotonic() - job.submitted)
+            if job.started is not None:
+                self.metrics.queued_seconds.observe(job.started - job.submitted)
+
+    @staticmethod
+    def _encode(images: np.ndarray, fmt: str, size: int) -> list[bytes]:
+        out = []
+        for image in images:
+            if size and image.shape[:2] != (size, size):
+                image = resize_uint8(image, size, size)
+            out.append(encode_image(image, fmt))
+        return out
+
+    def _progress(self, event: Progress, fmt: str, size: int) -> pb.SynthesisProgress:
+        message = pb.SynthesisProgress(
+            step=event.step,
+            evaluations=event.evaluations,
+            objective=np.nan_to_num(np.asarray(event.score, dtype=np.float64)).tolist(),
+            activation=np.nan_to_num(np.asarray(event.activation, dtype=np.float64)).tolist(),
+            elapsed_seconds=event.elapsed,
+            total_steps=event.total_steps,
+        )
+        if event.preview is not None:
+            message.preview_images.extend(self._encode(event.preview, fmt, size))
+        return message
+
+    def _result(
+        self, result: SynthesisResult, job: SynthesisJob, loaded: LoadedPair, fmt: str, size: int
+    ) -> pb.SynthesisResult:
+        target = result.target if result.target is not None else 0
+        reference = loaded.pair.predicted_max(target)
+        activation = result.rates[:, target]
+        message = pb.SynthesisResult(
+            model_version=loaded.key.model_version,
+            generator_version=loaded.key.generator_version,
+            neuron_ids=list(loaded.card.neuron_ids),
+            steps=result.steps,
+            evaluations=result.evaluations,
+            elapsed_seconds=result.elapsed,
+            target_neuron=target,
+            model=loaded.key.model,
+            generator=loaded.key.generator,
+            queued_seconds=(job.started - job.submitted) if job.started is not None else 0.0,
+        )
+        encoded = self._encode(result.images, fmt, size)
+        for i, data in enumerate(encoded):
+            item = message.images.add()
+            item.image = data
+            item.latent.extend(result.latents[i].tolist())
+            item.rates.extend(result.rates[i].tolist())
+            item.activation = float(activation[i])
+            item.activation_ratio = float(activation[i] / reference) if reference else 0.0
+            item.objective = float(result.score[i])
+            item.reference_max = float(reference or 0.0)
+        return message
+
+    # -- generators ---------------------------------------------------------------------------------
+
+    def list_generators(self) -> pb.ListGeneratorsResponse:
+        import json
+
+        response = pb.ListGeneratorsResponse()
+        for name in self.store.names(GENERATORS):
+            versions = self.store.versions(GENERATORS, name)
+            if not versions:
+                continue
+            info = response.generators.add(name=name, versions=versions)
+            try:
+                card = validate_generator(self.store.resolve(GENERATORS, name))
+            except NeurotwinError as exc:
+                log.warning("synthesizer: generator %s is not usable: %s", name, exc)
+                continue
+            info.architecture = card.architecture
+            info.latent_dim = card.latent_dim
+            info.resolution = card.resolution
+            info.card_json = json.dumps(card.to_dict())
+        # Built in: its size follows the twin it is used with, so latent_dim and resolution stay 0.
+        response.generators.add(name=PIXELS, architecture="FourierPixels")
+        return response
+
+
+class SynthesizerServicer(pb_grpc.StimulusSynthesizerServicer):
+    def __init__(self, service: SynthesizerService) -> None:
+        self.service = service
+
+    def Synthesize(
+        self, request: pb.SynthesizeRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.SynthesizeResponse]:
+        def watch(job: SynthesisJob) -> None:
+            # Runs when the call ends for any reason; after a normal finish cancel() is a no-op.
+            if not context.add_callback(job.cancel):
+                job.cancel()
+
+        responses = self.service.run(request, deadline_from(context), on_submit=watch)
+        try:
+            for response in responses:
+                if not context.is_active():
+                    break
+                yield response
+        finally:
+            responses.close()
+
+    def ListGenerators(
+        self, request: pb.ListGeneratorsRequest, context: grpc.ServicerContext
+    ) -> pb.ListGeneratorsResponse:
+        return self.service.list_generators()
+
+
+def attach(server: GrpcServer, settings: Settings) -> SynthesizerService:
+    """Start the scheduler and register StimulusSynthesizer on ``server``; returns the service."""
+    service = SynthesizerService(settings, server.metrics.registry)
+    servicer = SynthesizerServicer(service)
+    server.add_service(
+        lambda grpc_server: pb_grpc.add_StimulusSynthesizerServicer_to_server(servicer, grpc_server),
+        [SERVICE_NAME],
+        on_stop=service.stop,
+    )
+    log.info(
+        "synthesizer: model store %s, device %s, default generator %s, up to %d jobs",
+        settings.model_store,
+        service.device,
+        settings.default_generator,
+        settings.max_jobs,
+    )
+    return service
+
+
+__all__ = [
+    "PIXELS",
+    "SECTION",
+    "SERVICE_NAME",
+    "LoadedPair",
+    "PairCache",
+    "Settings",
+    "SynthesizerMetrics",
+    "SynthesizerService",
+    "SynthesizerServicer",
+    "add_flags",
+    "attach",
+]

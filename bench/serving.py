@@ -9,7 +9,9 @@ sending the next request as soon as its previous answer arrives):
   ort        in-process ONNX Runtime, one shared session (the floor: no serving at all)
   predict    our FiringRatePredictor.Predict through neurotwin.client.PredictorClient
   kserve     our KServe v2 ModelInfer through the unmodified tritonclient[grpc]
-  torchserve TorchServe serving the same model: a hook for the deploy issue (see TORCHSERVE below)
+  torchserve TorchServe serving the same model exported as a .mar, one PNG per call over its gRPC
+             Predictions API with token auth (skipped, with the reason, when Java or TorchServe
+             is missing)
 
 The server runs in its own process (`neurotwin serve predictor`); each client runs in its own
 process too (tritonclient's `inference` protos would collide with ours in one process, and separate
@@ -33,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -351,11 +354,84 @@ def worker_echo_rtt(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-# TORCHSERVE: the deploy issue exports the twin as a .mar archive and adds the TorchServe row here:
-# return a make_call like calls_kserve (one client per slot, one single-image prediction per call),
-# start TorchServe in `main` next to `start_server`, and add "torchserve" to SYSTEMS.
+def _torchserve_bench() -> Any:
+    """bench/_torchserve_bench.py (it imports neurotwin, which lives under services/)."""
+    sys.path.insert(0, str(ROOT / "services"))
+    import _torchserve_bench
+
+    return _torchserve_bench
+
+
 def calls_torchserve(args: argparse.Namespace) -> Callable[[int], Call]:
-    raise NotImplementedError("TorchServe comparison: added by the deploy issue")
+    """One gRPC channel per slot, one single-image (PNG) Predictions call per call, with the token."""
+    import grpc
+    from neurotwin.imagecodec import encode_png
+
+    ts = _torchserve_bench()
+    # Each worker compiles its own stubs, in a folder of its own under the benchmark's scratch.
+    pb, pb_grpc = ts.torchserve_stubs(Path(args.torchserve_dir) / f"stubs-{os.getpid()}")
+    key = json.loads(Path(args.torchserve_key_file).read_text())["inference"]["key"]
+    metadata = [("authorization", f"Bearer {key}")]
+
+    def make_call(slot: int) -> Call:
+        stub = pb_grpc.InferenceAPIsServiceStub(grpc.insecure_channel(args.torchserve_address))
+        request = pb.PredictionsRequest(model_name=args.model, input={"data": encode_png(_image(slot))})
+
+        def call() -> None:
+            reply = stub.Predictions(request, metadata=metadata, timeout=30)
+            if "rates" not in json.loads(reply.prediction):
+                raise RuntimeError(f"TorchServe answered {reply.prediction[:200]!r}")
+
+        return call
+
+    return make_call
+
+
+def start_torchserve(
+    store: Path, model: str, scratch: Path, args: argparse.Namespace, stack: ExitStack
+) -> list[str]:
+    """Export the twin as a .mar, start TorchServe (stopped when ``stack`` closes), wait until the
+    model answers, and return the worker arguments that point torchserve clients at it."""
+    from neurotwin.commands.export import export_torchserve
+
+    ts = _torchserve_bench()
+    mar = export_torchserve(
+        store,
+        model,
+        out=scratch / "store",
+        batch_size=args.max_batch_size,
+        max_batch_delay_ms=max(1, round(args.max_queue_delay_ms)),
+        workers=args.torchserve_workers,
+    )
+    (scratch / "work").mkdir()
+    with ExitStack() as started:
+        # Stopped at once if it never answers; otherwise handed to ``stack``.
+        info = started.enter_context(
+            ts.torchserve_process(mar, scratch / "work", workers=args.torchserve_workers)
+        )
+        address = f"127.0.0.1:{info['grpc_port']}"
+        key_file = scratch / "work" / "key_file.json"
+        # The first calls wait for TorchServe's worker to load the model.
+        probe = calls_torchserve(
+            argparse.Namespace(
+                torchserve_address=address, torchserve_key_file=key_file, torchserve_dir=scratch, model=model
+            )
+        )(0)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                probe()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        stack.enter_context(started.pop_all())
+    return [
+        *("--torchserve-address", address),
+        *("--torchserve-key-file", str(key_file)),
+        *("--torchserve-dir", str(scratch)),
+    ]
 
 
 CLOSED_LOOP: dict[str, Callable[[argparse.Namespace], Callable[[int], Call]]] = {
@@ -369,7 +445,7 @@ PAIRED: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "paired-kserve": worker_paired_kserve,
     "echo-rtt": worker_echo_rtt,
 }
-SYSTEMS = ("ort", "predict", "kserve")
+SYSTEMS = ("ort", "predict", "kserve", "torchserve")
 
 
 def serve_worker(args: argparse.Namespace) -> None:
@@ -570,9 +646,16 @@ def markdown(
             f"| {r.system} | {r.concurrency} | {r.requests} | {r.errors} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
             f"| {r.throughput:.1f} | {added} | {ratio} | {own} | {batch} |"
         )
-    lines.append("| torchserve | - | - | - | - | - | - | - | - | - | - |")
-    lines.append("")
-    lines.append("TorchServe: not run yet; the deploy issue adds it (see TORCHSERVE in bench/serving.py).")
+    for system, reason in header["not_run"].items():
+        lines.append(f"| {system} | not run: {reason} | - | - | - | - | - | - | - | - | - |")
+    if any(r.system == "torchserve" for r in results):
+        lines += [
+            "",
+            f"TorchServe: the same ONNX model exported as a .mar and served by TorchServe "
+            f"({header['torchserve_workers']} worker(s), batchSize {header['max_batch_size']}, "
+            f"maxBatchDelay {max(1, round(header['max_queue_delay_ms']))} ms, token auth on), one PNG image "
+            "per call over its gRPC Predictions API; mean batch is not reported for it.",
+        ]
     if pairs:
         lines += [
             "",
@@ -627,6 +710,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--spin-threads", action="store_true", help="let ONNX Runtime threads busy-wait (server and floor)"
     )
+    parser.add_argument(
+        "--torchserve-workers", type=int, default=1, help="TorchServe worker processes for the model"
+    )
     parser.add_argument("--no-paired", action="store_true", help="skip the paired concurrency-1 runs")
     parser.add_argument("--store", help="model store to use instead of the bundled twin or the stand-in")
     parser.add_argument("--model", help="model name in --store")
@@ -636,6 +722,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=[*CLOSED_LOOP, *PAIRED, "echo-server"], help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--address", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--torchserve-address", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--torchserve-key-file", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--torchserve-dir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker == "echo-server":
@@ -655,8 +744,9 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s for s in args.systems.split(",") if s]
     levels = [int(c) for c in args.concurrency_levels.split(",") if c]
     # Other work on the machine skews every number; the load averages (before, after) are reported.
+    not_run: dict[str, str] = {}
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="neurotwin-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="neurotwin-bench-") as tmp, ExitStack() as stack:
         if args.store:
             store, model, description = Path(args.store), args.model, f"{args.model} from {args.store}"
         else:
@@ -674,6 +764,18 @@ def main(argv: list[str] | None = None) -> int:
             str(args.intra_op_threads),
             *(["--spin-threads"] if args.spin_threads else []),
         ]
+        if "torchserve" in systems:
+            reason = _torchserve_bench().torchserve_missing()
+            if reason is None:
+                try:
+                    common += start_torchserve(store, model, Path(tmp) / "torchserve", args, stack)
+                    print("torchserve: ready", flush=True)
+                except Exception as exc:
+                    reason = f"TorchServe did not start ({type(exc).__name__}: {exc})"[:300]
+            if reason is not None:
+                print(f"torchserve: not run: {reason}", flush=True)
+                systems.remove("torchserve")
+                not_run["torchserve"] = reason
         results: list[CellResult] = []
         pairs: dict[str, dict[str, Any]] = {}
         echo: dict[str, Any] | None = None
@@ -730,6 +832,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_queue_delay_ms": args.max_queue_delay_ms,
         "intra_op_threads": args.intra_op_threads,
         "spin_threads": args.spin_threads,
+        "torchserve_workers": args.torchserve_workers,
+        "not_run": not_run,
     }
     table = markdown(results, pairs, echo, soak_result, header)
     print(table)

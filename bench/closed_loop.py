@@ -76,6 +76,12 @@ class Run:
     ask_cpu_ms: list[float]
     tell_cpu_ms: list[float]
     curve: list[float]
+    # Mean noise-free rate of the last generation's synthetic images (robust to the winner's curse).
+    final_mean: float = math.nan
+
+    @property
+    def ratio_final(self) -> float:
+        return self.final_mean / self.natural_max
 
     @property
     def ratio(self) -> float:
@@ -133,6 +139,7 @@ def summarize(runs: list[Run], methods: list[str]) -> dict[str, Any]:
             continue
         ratios = np.array([r.ratio for r in mine])
         shown = np.array([r.ratio_shown for r in mine])
+        final = np.array([r.ratio_final for r in mine])
         asks = np.concatenate([r.ask_ms for r in mine])
         tells = np.concatenate([r.tell_ms for r in mine])
         ask_cpu = np.concatenate([r.ask_cpu_ms for r in mine])
@@ -145,6 +152,7 @@ def summarize(runs: list[Run], methods: list[str]) -> dict[str, Any]:
             "best_over_natural_q75": float(np.percentile(ratios, 75)),
             "beats_natural_max": float((ratios > 1).mean()),
             "max_shown_over_natural_median": float(np.median(shown)),
+            "final_mean_over_natural_median": float(np.median(final)),
             "ask_ms_p50": float(np.median(asks)),
             "ask_ms_p90": float(np.percentile(asks, 90)),
             "tell_ms_p50": float(np.median(tells)),
@@ -168,10 +176,10 @@ def markdown(table: dict[str, Any], header: str) -> str:
     lines = [
         header,
         "",
-        "| method | neurons | best / natural max: median (IQR) | mean | > natural max "
-        "| vs GA (median gain, wins) | vs CMA-ES (same neurons) | Ask p50 / p90 ms (CPU p50) "
-        "| Tell p50 / p90 ms (CPU p50) | s per session |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | neurons | session's best / natural max: median (IQR) | mean | > natural max "
+        "| vs GA (median gain, wins) | vs CMA-ES (same neurons) | best shown | last gen mean "
+        "| Ask p50 / p90 ms (CPU p50) | Tell p50 / p90 ms (CPU p50) | s per session |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, row in table.items():
         gain, gain_cmaes = (
@@ -184,7 +192,8 @@ def markdown(table: dict[str, Any], header: str) -> str:
             f"| {method} | {row['neurons']} | {row['best_over_natural_median']:.2f} "
             f"({row['best_over_natural_q25']:.2f}-{row['best_over_natural_q75']:.2f}) "
             f"| {row['best_over_natural_mean']:.2f} | {row['beats_natural_max'] * 100:.0f}% "
-            f"| {gain} | {gain_cmaes} "
+            f"| {gain} | {gain_cmaes} | {row['max_shown_over_natural_median']:.2f} "
+            f"| {row['final_mean_over_natural_median']:.2f} "
             f"| {row['ask_ms_p50']:.0f} / {row['ask_ms_p90']:.0f} ({row['ask_cpu_ms_p50']:.0f}) "
             f"| {row['tell_ms_p50']:.1f} / {row['tell_ms_p90']:.1f} ({row['tell_cpu_ms_p50']:.1f}) "
             f"| {row['seconds_per_session']:.0f} |"
@@ -265,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     guided = {neurons[round(i * len(neurons) / count)] for i in range(min(count, len(neurons)))}
     if args.shard:
         k, n = (int(x) for x in args.shard.split("/"))
-        neurons = neurons[k::n]
+        active = [x for x in neurons if any("+" not in m or x in guided for m in methods)]
+        neurons = active[k::n]
     print(
         f"bench: twin {args.twin} ({twin.card.neuron_count} neurons), generator {args.generator}, "
         f"{len(natural)} natural images, neurons {neurons}, {args.generations} generations x "
@@ -333,8 +343,13 @@ def main(argv: list[str] | None = None) -> int:
                     ask_cpu_ms=[s * 1000 for s in result.ask_cpu_seconds[:-1]],
                     tell_cpu_ms=[s * 1000 for s in result.tell_cpu_seconds],
                     curve=[h["true_max"] / natural_max for h in result.history],
+                    final_mean=result.history[-1]["true_mean"] if result.history else math.nan,
                 )
                 runs.append(run)
+                # Keep what is done on disk, so an interrupted run still leaves its sessions behind.
+                partial = Path(args.out).with_suffix(".partial.json")
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps({"methods": methods, "runs": [asdict(r) for r in runs]}))
                 print(
                     f"neuron {neuron:3d} {method:18s} best/natural {run.ratio:5.2f}"
                     f"  shown max {run.ratio_shown:5.2f}  guide {guide:3d}"
@@ -375,7 +390,8 @@ def merge(paths: list[str], out: Path) -> int:
     runs = [Run(**r) for part in parts for r in part["runs"]]
     methods = list(dict.fromkeys(m for part in parts for m in part["methods"]))
     count = len({r.neuron for r in runs})
-    header = re.sub(r"^Closed loop, \d+ ", f"Closed loop, {count} ", parts[0]["header"])
+    first = next((part["header"] for part in parts if "header" in part), "Closed loop, 0 virtual neurons")
+    header = re.sub(r"^Closed loop, \d+ ", f"Closed loop, {count} ", first)
     header += f"; merged from {len(parts)} shards"
     write_results(out, header, runs, methods, {"shards": paths})
     return 0

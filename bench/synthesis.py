@@ -443,6 +443,9 @@ def markdown(report: dict[str, Any]) -> str:
         "(uint8, twin input size) / the twin's maximum over the session's natural images; one image per "
         "neuron, seed = neuron index.",
         "",
+        f"Twin card: {report.get('twin_description') or '-'}. "
+        f"Generator card: {report.get('generator_description') or '-'}.",
+        "",
         "| method | prior | budget per image | neurons | median ratio | 10th pct ratio | ratio > 1 | "
         "s/image (all neurons batched) | s (one request alone) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -483,6 +486,28 @@ def markdown(report: dict[str, Any]) -> str:
             f"{c['sixteen_seconds']:.2f} s ({c['ratio']:.2f}x the time of one).",
         ]
     return "\n".join(lines) + "\n"
+
+
+def targets(report: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    by_name = {s["method"]: s for s in report["methods"]}
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "not met"
+
+    gradient = by_name.get("gradient", {}).get("median_ratio")
+    if gradient is not None:
+        out["gradient through the generator, median >= 1.5"] = f"{gradient:.3f} ({verdict(gradient >= 1.5)})"
+    cmaes = by_name.get("cmaes", {}).get("median_ratio")
+    if cmaes is not None:
+        out["CMA-ES within 3,000 evaluations, median >= 1.2"] = f"{cmaes:.3f} ({verdict(cmaes >= 1.2)})"
+    if report.get("concurrency"):
+        ratio = report["concurrency"]["ratio"]
+        out["16 concurrent requests within 2x the time of one"] = f"{ratio:.2f}x ({verdict(ratio <= 2)})"
+    if report.get("naive") and report["device"].startswith("cuda"):
+        speedup = report["naive"]["speedup"]
+        out["GPU: at least 2x faster than the naive eager loop"] = f"{speedup:.2f}x ({verdict(speedup >= 2)})"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -560,16 +585,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(neurons)} neurons, device {device}"
     )
 
-    results: list[MethodResult] = []
-    for name in names:
-        spec = METHODS[name]
-        if spec.method == "lucent":
-            results.append(
-                run_lucent(spec, neurons, twin, size[0], natural_max, device, args.lucent_path, log)
-            )
-        else:
-            results.append(run_method(spec, neurons, pairs, natural_max, device, single=True, log=log))
-
     report: dict[str, Any] = {
         "command": "python bench/synthesis.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
@@ -579,48 +594,44 @@ def main(argv: list[str] | None = None) -> int:
         "model_version": ms.resolve(PREDICTORS, args.model).version,
         "generator": args.generator,
         "generator_version": ms.resolve(GENERATORS, args.generator).version,
+        "twin_description": card.description,
+        "generator_description": getattr(getattr(gen, "card", None), "description", ""),
         "session": args.session,
         "natural_images": len(naturals),
         "neurons": neurons,
-        "methods": [r.summary() for r in results],
-        "per_neuron": {r.spec.name: dict(zip(map(str, r.neurons), r.ratios, strict=False)) for r in results},
+        "methods": [],
+        "per_neuron": {},
+        "targets": {},
     }
-    by_name = {r.spec.name: r.summary() for r in results}
-    targets = {}
-    if "gradient" in by_name and by_name["gradient"]["median_ratio"] is not None:
-        v = by_name["gradient"]["median_ratio"]
-        targets["gradient through the generator, median >= 1.5"] = (
-            f"{v:.3f} ({'met' if v >= 1.5 else 'not met'})"
-        )
-    if "cmaes" in by_name and by_name["cmaes"]["median_ratio"] is not None:
-        v = by_name["cmaes"]["median_ratio"]
-        targets["CMA-ES within 3,000 evaluations, median >= 1.2"] = (
-            f"{v:.3f} ({'met' if v >= 1.2 else 'not met'})"
-        )
+
+    def save() -> None:
+        # Written after every stage, so a long run that is stopped still leaves its numbers.
+        report["targets"] = targets(report)
+        if args.out:
+            args.out.write_text(markdown(report))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+    for name in names:
+        spec = METHODS[name]
+        if spec.method == "lucent":
+            result = run_lucent(spec, neurons, twin, size[0], natural_max, device, args.lucent_path, log)
+        else:
+            result = run_method(spec, neurons, pairs, natural_max, device, single=True, log=log)
+        report["methods"].append(result.summary())
+        report["per_neuron"][name] = dict(zip(map(str, result.neurons), result.ratios, strict=False))
+        save()
     if not args.skip_timing:
         count = 4 if args.quick else 16
         timing_neurons = [n % card.neuron_count for n in range(count)]
         steps = 50 if args.quick else 200
         report["naive"] = naive_vs_scheduler(pairs["generator"], timing_neurons, steps, device, log)
+        save()
         report["concurrency"] = concurrency(
             args.store, args.model, args.generator, str(device), list(range(16)), steps, log
         )
-        ratio = report["concurrency"]["ratio"]
-        targets["16 concurrent requests within 2x the time of one"] = (
-            f"{ratio:.2f}x ({'met' if ratio <= 2 else 'not met'})"
-        )
-        if device.type == "cuda":
-            speedup = report["naive"]["speedup"]
-            targets["GPU: at least 2x faster than the naive eager loop"] = (
-                f"{speedup:.2f}x ({'met' if speedup >= 2 else 'not met'})"
-            )
-    report["targets"] = targets
-    text = markdown(report)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        save()
+    print(markdown(report))
     return 0
 
 

@@ -212,6 +212,7 @@ class FitRecord:
     load_after: float
     command: str
     extra: dict[str, Any] = field(default_factory=dict)
+    finished: float = 0.0  # time.time() when the fit was scored
 
     @property
     def key(self) -> str:
@@ -341,27 +342,47 @@ def render(
 ) -> str:
     lines = [
         "| session | protocol | model | median r | top decile (p90) r | p90 - 0.8 (seed) | best r | "
-        "folds | train wall s / fit | train CPU s / fit | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "folds | median r, folds all models ran | train wall s / fit | train CPU s / fit | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     commands: list[str] = []
+    twin_variants: list[str] = []
+    every = [FitRecord(**v) for k, v in cache.items() if not k.startswith("_")]
     for session in sessions:
         for protocol in protocols:
+            chosen: dict[str, list[FitRecord]] = {}
             for model in models:
-                recs = [FitRecord(**v) for k, v in cache.items() if not k.startswith("_")]
-                recs = [r for r in recs if (r.session, r.protocol, r.model) == (session, protocol, model)]
+                recs = [r for r in every if (r.session, r.protocol, r.model) == (session, protocol, model)]
                 if not recs:
-                    lines.append(f"| {session} | {protocol} | {model} | not run | | | | | | | |")
                     continue
-                recs.sort(key=lambda r: r.fold)
+                # Only the configuration fitted last counts: folds of an older twin (or epoch cap) left
+                # in the cache must not be averaged with the current one.
+                latest = max(recs, key=lambda r: r.finished).variant
+                chosen[model] = sorted((r for r in recs if r.variant == latest), key=lambda r: r.fold)
+                if model.startswith("twin") and latest not in twin_variants:
+                    twin_variants.append(latest)
+            # When the slow models ran fewer folds, every model is also scored on the common ones, so the
+            # comparison is on identical test images.
+            fold_sets = [{r.fold for r in recs} for recs in chosen.values()]
+            common = sorted(set.intersection(*fold_sets)) if fold_sets else []
+            differ = protocol == "kfold" and any(f != set(common) for f in fold_sets)
+            for model in models:
+                if model not in chosen:
+                    lines.append(f"| {session} | {protocol} | {model} | not run | | | | | | | | |")
+                    continue
+                recs = chosen[model]
                 s = summarize(recs)
+                shared = ""
+                if differ and common:
+                    sub = summarize([r for r in recs if r.fold in common])
+                    shared = f"{sub['median']:.3f} (fold {', '.join(map(str, common))})"
                 for r in recs:
                     if r.command not in commands:
                         commands.append(r.command)
                 folds = f"{s['folds']}/{N_FOLDS}" if protocol == "kfold" else "1"
                 lines.append(
                     f"| {session} | {protocol} | {model} | **{s['median']:.3f}** | {s['p90']:.3f} | "
-                    f"{s['p90'] - SEED_R:+.3f} | {s['best']:.3f} | {folds} | {s['wall_s']:.0f} | "
+                    f"{s['p90'] - SEED_R:+.3f} | {s['best']:.3f} | {folds} | {shared} | {s['wall_s']:.0f} | "
                     f"{s['cpu_s']:.0f} | {s['load']:.1f} |"
                 )
             for ref_session, ref_protocol, name, med, p90 in REFERENCES:
@@ -369,7 +390,7 @@ def render(
                     gap = "" if p90 is None else f"{p90 - SEED_R:+.2f}"
                     lines.append(
                         f"| {session} | {protocol} | *reference: {name}* | {med:.2f} | {fmt(p90)} | {gap} "
-                        "| | | | | |"
+                        "| | | | | | |"
                     )
     out = [
         "## Twin quality: held-out per-neuron Pearson r on Cowley et al. V4 sessions",
@@ -391,6 +412,7 @@ def render(
         *[f"    {c}" for c in commands],
     ]
     out += ["", "Models:", "", *[f"- {n}" for n in METHOD_NOTES]]
+    out += [f"- twin configuration (TwinConfig, FitConfig, helper sessions): `{v}`" for v in twin_variants]
     if notes:
         out += ["", "Could not run:", "", *[f"- {n}" for n in notes]]
     return "\n".join(out) + "\n"
@@ -511,6 +533,7 @@ def run_all(args: argparse.Namespace, cache: dict[str, dict[str, Any]], command:
                         load_after=os.getloadavg()[0],
                         command=command,
                         extra=extra,
+                        finished=time.time(),
                     )
                     cache[key] = asdict(record)
                     save_cache(args.results, cache, [key])

@@ -6,8 +6,6 @@ in the engine, error codes in ``server.common``. ``serve closed-loop`` attaches 
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import hashlib
 import logging
 import math
@@ -40,7 +38,6 @@ from neurotwin.v1 import closed_loop_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SECTION = "closed_loop"
-FLAG_PREFIX = "closed-loop"
 SERVICE_NAME = "neurotwin.v1.ClosedLoop"
 
 
@@ -78,6 +75,7 @@ class Settings:
     export_chunk_bytes: int = 1 << 20
 
 
+# Help per setting; ``neurotwin serve`` turns each setting into a flag --closed-loop-<setting>.
 FLAG_HELP = {
     "journal": "SQLite journal path or postgresql:// URL (default closed_loop_journal.sqlite3)",
     "sqlite_synchronous": "SQLite synchronous mode: FULL (default), EXTRA or NORMAL",
@@ -90,20 +88,6 @@ FLAG_HELP = {
     "export_chunk_bytes": "ExportSession chunk size in bytes (default 1 MiB)",
     "compute_threads": "torch and BLAS threads for the whole process (0: the libraries' defaults)",
 }
-
-
-def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--closed-loop-<setting>`` flags (dest ``<setting>``) for tools that host this service alone."""
-    for f in dataclasses.fields(Settings):
-        if f.name == "model_store":  # shared by every service; the serve command adds it
-            continue
-        parser.add_argument(
-            f"--{FLAG_PREFIX}-{f.name.replace('_', '-')}",
-            dest=f.name,
-            default=None,
-            metavar=f.name.upper(),
-            help=FLAG_HELP.get(f.name),
-        )
 
 
 # ------------------------------------------------------------------------------------------------

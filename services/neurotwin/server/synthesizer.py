@@ -417,6 +417,13 @@ def _finite(value: float, what: str) -> float:
     return value
 
 
+def _import_cma() -> None:
+    try:
+        import cma  # noqa: F401
+    except ImportError:  # pragma: no cover - a hard dependency; the first CMA-ES job reports it
+        pass
+
+
 class SynthesizerService:
     """Requests in, response messages out; no gRPC. Used by the servicer and by the CLI in-process."""
 
@@ -445,6 +452,8 @@ class SynthesizerService:
         self.recent: collections.deque[JobRecord] = collections.deque(maxlen=64)
         if start:
             self.scheduler.start()
+            # pycma takes seconds to import; do it now rather than in the first CMA-ES request.
+            threading.Thread(target=_import_cma, name="import-cma", daemon=True).start()
 
     def stop(self) -> None:
         self.scheduler.stop()

@@ -337,6 +337,9 @@ def fit_twins(
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", val_r=f"{val_r:.3f}", best=f"{max(best_r, val_r):.3f}")
+        else:
+            # Without a terminal (logs, CI) the same figures go to the log, one line per epoch.
+            log.info("epoch %d: loss %.4f, validation r %.3f", epoch, train_loss, val_r)
         if val_r > best_r + 1e-5:
             best_r, best_epoch, stale = val_r, epoch, 0
             best_state = {k: v.detach().clone() for k, v in modules.state_dict().items()}

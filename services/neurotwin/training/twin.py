@@ -6,7 +6,8 @@ Structure (one ``nn.Module`` end to end, so the same graph is trained, evaluated
       -> Preprocess        cast to float, NHWC -> NCHW, bilinear resize to the training resolution
       -> frozen features   EfficientNet-Lite0 stage outputs resampled to one grid and concatenated
                            (or the plain image for the from-scratch core)
-      -> head(s)           trainable core (1x1 adapter, or a stacked conv net) + per-neuron readout
+      -> head(s)           trainable core (adapter convs on the frozen features, or a stacked conv net
+                           from scratch) + per-neuron readout (factorized or Gaussian)
       -> rates [N, K]      ELU + 1, so rates are positive as a Poisson mean must be
 
 The frozen part holds no trainable weights, so training computes its output once per image and fits
@@ -42,7 +43,7 @@ class TwinConfig:
     input_size: int = 112
     # Spatial grid every stage output is resampled to; 0 means the deepest stage's own size.
     grid: int = 0
-    # Channels of the learned core on top of the frozen features (1x1 adapter / conv core width).
+    # Channels of the learned core (adapter on the frozen features, or the from-scratch conv net).
     hidden: int = 128
     readout: str = "factorized"
     # Learned core on frozen features (efficientnet): a 1 x 1 projection, then ``core_layers - 1``

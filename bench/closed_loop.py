@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -368,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         + "/".join(f"{x:.1f}" for x in os.getloadavg())
     )
     write_results(Path(args.out), header, runs, methods, {"args": vars(args), "stand_in": stand_in})
+    # The journal and stand-in store are scratch: the results file holds what the run found.
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -16,9 +16,7 @@ so the work stops within one step.
 
 from __future__ import annotations
 
-import argparse
 import collections
-import dataclasses
 import logging
 import math
 import os
@@ -129,7 +127,7 @@ class Settings:
         return {"gradient": self.gradient_budget, "cmaes": self.cmaes_budget}.get(method, self.genetic_budget)
 
 
-_HELP = {
+FLAG_HELP = {
     "default_generator": "generator used when a request names none; 'pixels' for no generator "
     "(default v4-dcgan)",
     "device": "auto, cpu or cuda (default auto)",
@@ -148,19 +146,6 @@ _HELP = {
     "max_loaded_pairs": "twin/generator pairs kept loaded (default 4)",
     "parity_images": "images for the ONNX-vs-torch parity check when a twin loads; 0 skips it (default 4)",
 }
-
-
-def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    for f in dataclasses.fields(Settings):
-        if f.name == "model_store":  # shared by every service; the serve command adds it
-            continue
-        parser.add_argument(
-            f"--{SECTION}-{f.name.replace('_', '-')}",
-            dest=f.name,
-            default=None,
-            metavar=f.name.upper(),
-            help=_HELP.get(f.name),
-        )
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -770,6 +755,5 @@ __all__ = [
     "SynthesizerMetrics",
     "SynthesizerService",
     "SynthesizerServicer",
-    "add_flags",
     "attach",
 ]

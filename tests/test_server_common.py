@@ -32,9 +32,23 @@ def _echo(request: bytes, context: grpc.ServicerContext) -> bytes:
     return request
 
 
+writing = threading.Event()
+
+
+def _slow_write(response: bytes) -> bytes:
+    """A serializer that takes its time: the handler has returned, its response is not on the wire yet."""
+    writing.set()
+    time.sleep(0.5)
+    return response
+
+
 def _register(server: grpc.Server) -> None:
     handler = grpc.method_handlers_generic_handler(
-        SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}
+        SERVICE,
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(_echo),
+            "SlowWrite": grpc.unary_unary_rpc_method_handler(_echo, response_serializer=_slow_write),
+        },
     )
     server.add_generic_rpc_handlers((handler,))
 
@@ -140,6 +154,19 @@ def test_drain_finishes_in_flight_and_refuses_new(server: GrpcServer) -> None:
     assert slow.code() == grpc.StatusCode.OK
     stopper.join(10)
     assert not stopper.is_alive()
+    channel.close()
+
+
+def test_drain_lets_finished_handlers_write_their_response(server: GrpcServer) -> None:
+    # The in-flight count drops when the handler returns, before grpc has sent the response; stopping the
+    # grpc server outright at that moment would cancel a call whose work is done.
+    writing.clear()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    call = channel.unary_unary(f"/{SERVICE}/SlowWrite").future(b"done")
+    assert writing.wait(10)
+    server.stop(grace=10)
+    assert call.result(timeout=10) == b"done"
+    assert call.code() == grpc.StatusCode.OK
     channel.close()
 
 

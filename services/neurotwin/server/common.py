@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIX = "/grpc.reflection."
+# Least time given to responses of finished handlers to reach the wire when a drain stops the server.
+_FLUSH_SECONDS = 1.0
 LATENCY_BUCKETS = (
     0.0002,
     0.0005,
@@ -367,7 +369,12 @@ class GrpcServer:
             unfinished = self._in_flight
         if unfinished:
             log.warning("grace period over; cancelling %d unfinished call(s)", unfinished)
-        self._grpc.stop(0).wait()
+            flush = 0.0
+        else:
+            # A handler that has returned may not have written its response yet: grpc's own grace lets
+            # those writes finish (stop(0) would cancel them); it ends as soon as they are done.
+            flush = max(deadline - time.monotonic(), _FLUSH_SECONDS) if grace > 0 else 0.0
+        self._grpc.stop(flush).wait()
         if self._health_grpc is not None:
             self._health_grpc.stop(0).wait()
         for hook in reversed(self._stop_hooks):

@@ -344,3 +344,34 @@ def test_exported_twin_loads_as_a_differentiable_module(tmp_path: Path, readout:
     x = torch.from_numpy(images(2)).float().requires_grad_(True)
     module(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+REPO = Path(__file__).resolve().parent.parent
+COWLEY = REPO.parent / "shared" / "data" / "cowley_v4"
+
+
+def test_bundled_twin_validates_and_predicts() -> None:
+    version = ModelStore(REPO / "model_store").resolve(PREDICTORS, "v4-201025")
+    card = validate_predictor(version)
+    assert card.neuron_count == 89 and card.training["session"] == "201025"
+    assert version.model_path.stat().st_size < 10e6  # small enough to live in git
+    session = ort.InferenceSession(str(version.model_path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 112, 112, 3), dtype=np.uint8)
+    rates = session.run(None, {session.get_inputs()[0].name: images})[0]
+    assert rates.shape == (3, 89) and np.isfinite(rates).all() and (rates >= 0).all()
+
+
+@pytest.mark.skipif(not COWLEY.is_dir(), reason="needs ../shared/data/cowley_v4 (not on a fresh machine)")
+def test_bundled_twin_reproduces_its_recorded_test_accuracy() -> None:
+    from neurotwin.training.datasets import load_recording
+
+    version = ModelStore(REPO / "model_store").resolve(PREDICTORS, "v4-201025")
+    card = validate_predictor(version)
+    rec = load_recording(COWLEY, session="201025")
+    assert rec.sha256 == card.training["sha256"]
+    test = np.asarray(card.training["split"]["test"])
+    session = ort.InferenceSession(str(version.model_path), providers=["CPUExecutionProvider"])
+    predicted = session.run(None, {session.get_inputs()[0].name: rec.images[test]})[0]
+    measured = rec.responses[:, test].T
+    r = [np.corrcoef(measured[:, k], predicted[:, k])[0, 1] for k in range(measured.shape[1])]
+    assert np.median(r) == pytest.approx(card.metrics["test"]["median_r"], abs=1e-3)

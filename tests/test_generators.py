@@ -10,7 +10,7 @@ import pytest
 import torch
 from neurotwin.card import GeneratorCard
 from neurotwin.cli import main as cli_main
-from neurotwin.errors import ModelStoreError
+from neurotwin.errors import InvalidInput, ModelStoreError
 from neurotwin.runtimes.generators import (
     ARCHITECTURES,
     DCGANGenerator,
@@ -171,6 +171,74 @@ def test_store_round_trip_and_errors(tmp_path: Path) -> None:
         load_generator(folder)
 
 
+def _trained_looking(gen: DCGANGenerator) -> DCGANGenerator:
+    """Non-default weights and batch-norm statistics, so code layers differ from a fresh init."""
+    with torch.no_grad():
+        for module in gen.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return gen.eval()
+
+
+@pytest.mark.parametrize("code_layer", [1, 2, 3])
+def test_code_layers_generate_the_same_images_from_the_same_noise(code_layer: int) -> None:
+    noise_prior = _trained_looking(DCGANGenerator(latent_dim=8, resolution=32, width=4))
+    coded = DCGANGenerator(latent_dim=8, resolution=32, width=4, code_layer=code_layer).eval()
+    coded.load_state_dict(noise_prior.state_dict())
+    side = 4 * 2 ** (code_layer - 1)
+    assert coded.latent_dim == noise_prior.channels[code_layer - 1] * side * side
+    codes = coded.sample_latents(3, _seeded(7))
+    assert codes.shape == (3, coded.latent_dim) and float(codes.min()) >= 0  # after a ReLU
+    # Seeded noise drawn by the noise prior, pushed through the layers below the code, is the code.
+    torch.testing.assert_close(coded(codes), noise_prior(noise_prior.sample_latents(3, _seeded(7))))
+    # Codes below zero are not natural: they generate what zero does.
+    torch.testing.assert_close(coded(codes - 10.0), coded(torch.zeros_like(codes)))
+    prior = coded.latent_prior()
+    assert prior["distribution"] == "rectified" and prior["min"] == 0.0
+    assert prior["std"] > 0 and 0 < prior["zero_fraction"] < 1
+    assert prior == coded.latent_prior()  # measured once, from fixed draws
+
+
+def test_code_layer_out_of_range_is_refused() -> None:
+    with pytest.raises(InvalidInput, match=r"code_layer must be in 0\.\.3"):
+        DCGANGenerator(latent_dim=8, resolution=32, width=4, code_layer=4)
+
+
+def test_recode_generator_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = ModelStore(tmp_path)
+    gen = _trained_looking(DCGANGenerator(latent_dim=8, resolution=16, width=4))
+    with store.new_version(GENERATORS, "gan") as staging:
+        save_generator(gen, staging, "gan", description="tiny", metrics={"frechet": {"generated": 3.0}})
+    with store.new_version(GENERATORS, "pixels") as staging:
+        save_generator(FourierPixels(resolution=16), staging, "pixels")
+    out = tmp_path / GENERATORS / "gan-h2"
+    assert (
+        cli_main(
+            ["recode-generator", str(tmp_path / GENERATORS / "gan"), "--code-layer", "2", "--out", str(out)]
+        )
+        == 0
+    )
+    version = store.resolve(GENERATORS, "gan-h2")
+    card = validate_generator(version)
+    assert card.hyperparameters["code_layer"] == 2 and card.latent_dim == 4 * 8 * 8
+    assert card.latent_prior["distribution"] == "rectified" and card.latent_prior["min"] == 0.0
+    assert card.training["recoded_from"] == {"name": "gan", "version": 1, "code_layer": 2}
+    assert card.metrics["frechet"]["generated"] == 3.0  # the same images, so the same quality
+    loaded = load_generator(version)
+    assert isinstance(loaded, DCGANGenerator) and loaded.latent_prior() == card.latent_prior
+    torch.testing.assert_close(
+        loaded(loaded.sample_latents(2, _seeded())), gen(gen.sample_latents(2, _seeded()))
+    )
+    # A different latent space is a different model, not a new version of the same one.
+    args = ["recode-generator", str(tmp_path / GENERATORS / "gan"), "--code-layer", "1"]
+    assert cli_main([*args, "--out", str(tmp_path / GENERATORS / "gan")]) == 1
+    assert "must name a new model" in capsys.readouterr().err
+    pixels = ["recode-generator", str(tmp_path / GENERATORS / "pixels"), "--code-layer", "1"]
+    assert cli_main([*pixels, "--out", str(tmp_path / GENERATORS / "x")]) == 1
+    assert "has no code layers" in capsys.readouterr().err
+
+
 def test_deepsim_fc6_loader(tmp_path: Path) -> None:
     torch.manual_seed(0)
     original = DeePSimFC6Generator().eval()
@@ -307,6 +375,19 @@ def test_bundled_generator_loads() -> None:
     assert version.model_path.stat().st_size < 10e6
     _check_images(gen(gen.sample_latents(4, _seeded())), 4, gen.resolution)
     assert set(gen.card.metrics["frechet"]) >= {"generated", "noise_ceiling", "real_floor"}
+
+
+@pytest.mark.skipif(
+    not (REPO / "model_store" / "generators" / "v4-dcgan-h2").is_dir(), reason="bundled generator not present"
+)
+def test_bundled_code_layer_generator_matches_its_source() -> None:
+    store = ModelStore(REPO / "model_store")
+    source = load_generator(store.resolve(GENERATORS, "v4-dcgan"))
+    coded = load_generator(store.resolve(GENERATORS, "v4-dcgan-h2"))
+    assert coded.latent_dim == 4096 and coded.card.training["recoded_from"]["name"] == "v4-dcgan"
+    torch.testing.assert_close(
+        coded(coded.sample_latents(2, _seeded())), source(source.sample_latents(2, _seeded()))
+    )
 
 
 def test_every_architecture_is_registered_by_class_name() -> None:

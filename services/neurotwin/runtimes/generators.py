@@ -100,14 +100,30 @@ class DCGANGenerator(ImagePrior):
 
     ``width`` is the channel count of the last hidden layer; the first has ``width * 2**(k-1)``.
     With the defaults (128-d latent, 64 px, width 64) it has 3.8 M parameters.
+
+    ``code_layer`` chooses the code that synthesis optimizes. 0: the GAN's input noise
+    (``latent_dim``-d). k >= 1: the activations after hidden layer k (1 = the projection, 2 = the first
+    transposed convolution, ...), as DGN-AM and XDream optimize DeePSim's 4096-d fc6 code rather than
+    an input noise: the layers above the code still shape the image into a natural one, while a
+    deeper code can express more than the noise space of a small GAN. Such codes follow a ReLU, so they
+    are non-negative; their natural distribution is what the layers below produce from noise
+    (``sample_latents`` draws exactly that). The weights are the same for every code layer.
     """
 
-    def __init__(self, latent_dim: int = 128, resolution: int = 64, width: int = 64) -> None:
+    # Draws behind the measured code statistics (latent_prior); fixed so that they are reproducible.
+    CODE_STAT_SAMPLES = 2048
+
+    def __init__(
+        self, latent_dim: int = 128, resolution: int = 64, width: int = 64, code_layer: int = 0
+    ) -> None:
         super().__init__()
         if latent_dim < 1 or width < 1:
             raise InvalidInput(f"latent_dim and width must be positive, got {latent_dim}, {width}")
         base, doublings = upsampling_plan(resolution)
-        self.latent_dim, self.resolution, self.width = latent_dim, resolution, width
+        if not 0 <= code_layer <= doublings:
+            raise InvalidInput(f"code_layer must be in 0..{doublings} for {resolution} px, got {code_layer}")
+        self.noise_dim, self.resolution, self.width = latent_dim, resolution, width
+        self.code_layer = code_layer
         self.base = base
         channels = [width * 2 ** (doublings - 1 - i) for i in range(doublings)]
         self.project = nn.Linear(latent_dim, channels[0] * base * base, bias=False)
@@ -122,15 +138,69 @@ class DCGANGenerator(ImagePrior):
         layers.append(nn.ConvTranspose2d(channels[-1], 3, 4, stride=2, padding=1))
         self.body = nn.Sequential(*layers)
         self.channels = channels
+        if code_layer == 0:
+            self.code_shape: tuple[int, ...] = (latent_dim,)
+        else:
+            side = base * 2 ** (code_layer - 1)
+            self.code_shape = (channels[code_layer - 1], side, side)
+        self.latent_dim = math.prod(self.code_shape)
+        self._code_stats: dict[str, Any] | None = None
+
+    # Modules of ``body`` per hidden layer (transposed convolution, batch norm, ReLU).
+    _PER_LAYER = 3
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"latent_dim": self.latent_dim, "resolution": self.resolution, "width": self.width}
+        return {
+            "latent_dim": self.noise_dim,
+            "resolution": self.resolution,
+            "width": self.width,
+            "code_layer": self.code_layer,
+        }
+
+    def encode_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """The code (at ``code_layer``) that input noise ``[B, latent_dim]`` produces, flattened."""
+        if self.code_layer == 0:
+            return noise
+        x = self.project(noise).view(-1, self.channels[0], self.base, self.base)
+        x = F.relu(self.project_norm(x))
+        x = self.body[: self._PER_LAYER * (self.code_layer - 1)](x)
+        return x.flatten(1)
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = _randn((n, self.noise_dim), generator).to(self.device)
+        if self.code_layer == 0:
+            return noise
+        with torch.no_grad():
+            return self.encode_noise(noise)
+
+    def latent_prior(self) -> dict[str, Any]:
+        if self.code_layer == 0:
+            return super().latent_prior()
+        if self._code_stats is None:
+            codes = self.sample_latents(self.CODE_STAT_SAMPLES, torch.Generator().manual_seed(0))
+            self._code_stats = {
+                "distribution": "rectified",
+                "mean": float(codes.mean()),
+                "std": float(codes.std()),
+                "min": 0.0,
+                "zero_fraction": float((codes == 0).float().mean()),
+            }
+        return dict(self._code_stats)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        x = self.project(latents).view(-1, self.channels[0], self.base, self.base)
-        x = F.relu(self.project_norm(x))
+        if self.code_layer == 0:
+            x = self.project(latents).view(-1, self.channels[0], self.base, self.base)
+            x = self.body(F.relu(self.project_norm(x)))
+        else:
+            # Codes from a client or an optimizer may stray below zero, where no natural code lies.
+            x = latents.reshape(-1, *self.code_shape).clamp_min(0)
+            x = self.body[self._PER_LAYER * (self.code_layer - 1) :](x)
         # tanh then affine (rather than sigmoid) keeps DCGAN's well-behaved output gradients.
-        return torch.tanh(self.body(x)) * 0.5 + 0.5
+        return torch.tanh(x) * 0.5 + 0.5
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self._code_stats = None  # measured from the old weights
+        return super().load_state_dict(*args, **kwargs)
 
 
 # DeePSim fc6 layer list (Dosovitskiy & Brox 2016, as used by DGN-AM and XDream), named as in the

@@ -192,7 +192,7 @@ def recalibrate_batchnorm(
     rng = torch.Generator(device="cpu").manual_seed(seed)
     device = generator.device
     for _ in range(batches):
-        generator(torch.randn(batch_size, generator.latent_dim, generator=rng).to(device))
+        generator(torch.randn(batch_size, generator.noise_dim, generator=rng).to(device))
     for m, momentum in zip(norms, saved, strict=True):
         m.momentum = momentum
     generator.train(was_training)

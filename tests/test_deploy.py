@@ -554,8 +554,9 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
 
 @pytest.fixture(scope="module")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store like the bundled one: a twin, and a (small, untrained) generator under the name
-    config.yaml and the services default to."""
+    """A store like the bundled one: a twin, and (small, untrained) generators under the names
+    config.yaml and the services default to: the closed loop's on its input noise, the
+    synthesizer's on a hidden code of the same GAN."""
     import torch
     from neurotwin.runtimes.generators import DCGANGenerator, save_generator
     from neurotwin.store import GENERATORS, ModelStore
@@ -563,8 +564,13 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("model_store")
     make_predictor(root, "tiny")
     torch.manual_seed(0)
+    gan = DCGANGenerator(latent_dim=16, resolution=32, width=8)
     with ModelStore(root).new_version(GENERATORS, "v4-dcgan") as folder:
-        save_generator(DCGANGenerator(latent_dim=16, resolution=32, width=8), folder, "v4-dcgan")
+        save_generator(gan, folder, "v4-dcgan")
+    coded = DCGANGenerator(latent_dim=16, resolution=32, width=8, code_layer=2)
+    coded.load_state_dict(gan.state_dict())
+    with ModelStore(root).new_version(GENERATORS, "v4-dcgan-h2") as folder:
+        save_generator(coded.eval(), folder, "v4-dcgan-h2")
     return root
 
 

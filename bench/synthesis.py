@@ -90,6 +90,7 @@ class MethodResult:
     batched_seconds: float = 0.0
     single_seconds: float | None = None
     error: str = ""
+    images: list[np.ndarray] = field(default_factory=list)  # uint8 [H, W, 3], one per neuron
 
     def summary(self) -> dict[str, Any]:
         r = np.asarray(self.ratios, dtype=np.float64)
@@ -229,6 +230,7 @@ def run_method(
     result.batched_seconds = seconds
     for n, outcome in zip(neurons, outcomes, strict=True):
         activation = float(outcome.rates[0, n])
+        result.images.append(np.asarray(outcome.images[0]))
         result.activations.append(activation)
         result.ratios.append(activation / float(natural_max[n]))
     if single:
@@ -327,6 +329,7 @@ def run_lucent(
     result.batched_seconds = time.perf_counter() - started
     result.single_seconds = result.batched_seconds / len(neurons)
     rates = twin_rates(twin, np.stack(images), device)
+    result.images = images
     for k, n in enumerate(neurons):
         result.activations.append(float(rates[k, n]))
         result.ratios.append(float(rates[k, n]) / float(natural_max[n]))
@@ -542,6 +545,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "SYNTHESIS_RESULTS.md")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--examples",
+        type=Path,
+        default=None,
+        help="PNG contact sheet: a row per method (an image per neuron), then the best natural images",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(
@@ -612,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(report, indent=1) + "\n")
 
+    sheet_rows: list[np.ndarray] = []
     for name in names:
         spec = METHODS[name]
         if spec.method == "lucent":
@@ -620,7 +630,16 @@ def main(argv: list[str] | None = None) -> int:
             result = run_method(spec, neurons, pairs, natural_max, device, single=True, log=log)
         report["methods"].append(result.summary())
         report["per_neuron"][name] = dict(zip(map(str, result.neurons), result.ratios, strict=False))
+        if result.images:
+            sheet_rows.append(np.concatenate(result.images, axis=1))
         save()
+    if args.examples and sheet_rows:
+        from neurotwin.imagecodec import encode_png
+
+        best_natural = [naturals[int(natural_rates[:, n].argmax())] for n in neurons]
+        sheet = np.concatenate([*sheet_rows, np.concatenate(best_natural, axis=1)], axis=0)
+        args.examples.write_bytes(encode_png(sheet))
+        log(f"examples: {args.examples} (rows: {', '.join(names)}, best natural image)")
     if not args.skip_timing:
         count = 4 if args.quick else 16
         timing_neurons = [n % card.neuron_count for n in range(count)]

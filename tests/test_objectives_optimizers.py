@@ -32,6 +32,7 @@ from neurotwin.engines.optimizers import (
     decode_array,
     encode_array,
     restore_optimizer,
+    single_threaded_blas,
 )
 from neurotwin.errors import InvalidInput
 
@@ -336,3 +337,26 @@ def test_gradient_state_round_trip_is_exact() -> None:
     _ascend(restored, 5)
     _ascend(reference, 5)
     assert torch.equal(restored.latents.detach(), reference.latents.detach())
+
+
+def test_cmaes_runs_its_algebra_on_one_blas_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    with single_threaded_blas():
+        assert all(n == 1 for n in blas_threads())
+    assert blas_threads() == before  # restored afterwards
+    seen: list[list[int]] = []
+    es = CMAES(np.zeros(6), CMAESConfig(population=4), seed=0)
+    original_ask = es.es.ask
+
+    def ask_and_record(*args: object, **kwargs: object) -> object:
+        seen.append(blas_threads())
+        return original_ask(*args, **kwargs)
+
+    monkeypatch.setattr(es.es, "ask", ask_and_record)
+    es.ask()
+    assert seen and all(n == 1 for n in seen[0])

@@ -304,7 +304,8 @@ def decode_images(
         what = f"image {i}"
         kind = image.WhichOneof("data")
         if kind == "encoded":
-            array = decode_image(image.encoded, max_pixels=pixel_limit, what=what)
+            # A too-large image is refused from its header: say which size would have been right.
+            array = decode_image(image.encoded, max_pixels=pixel_limit, what=f"{what} ({_expected(loaded)})")
         elif kind == "raw":
             array = raw_image(image.raw, what, max_pixels)
         else:

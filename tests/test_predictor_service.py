@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from neurotwin import cli
 from neurotwin.client import AsyncPredictorClient, ChannelConfig, PredictorClient
 from neurotwin.errors import InvalidInput, NotFound, ResourceExhausted
-from neurotwin.imagecodec import decode_image, encode_jpeg, encode_png
+from neurotwin.imagecodec import decode_image, encode_jpeg, encode_png, resize_uint8
 from neurotwin.server.common import GrpcServer
 from neurotwin.store import ModelVersion
 from neurotwin.v1 import predictor_pb2 as pb
@@ -428,6 +428,27 @@ def test_predict_command(served: GrpcServer, store: tuple[Path, ModelVersion], t
     assert table[0].startswith("model tiny v1") and "stim0.png" in table[1] and "stim1.png" in table[1]
     assert [line.split()[0] for line in table[2:]] == ["n002", "n004"]
     assert cli.main(["predict", str(files[0]), "--model", "nope", "--address", address]) == 1
+    # A photo of another size: refused as it is, predicted once resized to the model's input here.
+    photo = random_images(1, size=45, seed=8)[0]
+    (tmp_path / "photo.png").write_bytes(encode_png(photo))
+    assert cli.main(["predict", str(tmp_path / "photo.png"), "--model", "tiny", "--address", address]) == 1
+    out = io.StringIO()
+    with redirect_stdout(out):
+        argv = [
+            "predict",
+            str(tmp_path / "photo.png"),
+            "--model",
+            "tiny",
+            "--address",
+            address,
+            "--resize",
+            "--json",
+        ]
+        assert cli.main(argv) == 0
+    resized = decode_image(encode_png(resize_uint8(photo, 32, 32)))[None]
+    np.testing.assert_allclose(
+        json.loads(out.getvalue())["rates"], reference_rates(store[1], resized), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_serve_command_builds_the_service(store: tuple[Path, ModelVersion]) -> None:

@@ -42,6 +42,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--resize",
+        action="store_true",
+        help="resize each image here to the model's input size (bilinear); the service itself takes "
+        "only that size",
+    )
 
 
 def _neurons(values: list[str] | None) -> list[str] | list[int] | None:
@@ -66,6 +72,12 @@ def format_table(names: list[str], neuron_ids: list[str], rates: object, header:
     return "\n".join(lines)
 
 
+def _fit(data: bytes, name: str, height: int, width: int) -> bytes:
+    from neurotwin.imagecodec import decode_image, encode_png, resize_uint8
+
+    return encode_png(resize_uint8(decode_image(data, what=name), height, width))
+
+
 def run(args: argparse.Namespace) -> int:
     from neurotwin.client import ChannelConfig, PredictorClient
 
@@ -84,6 +96,12 @@ def run(args: argparse.Namespace) -> int:
         token=args.token,
     )
     with PredictorClient(config=config, timeout=args.timeout) as client:
+        if args.resize:
+            details = client.get_model(args.model, args.version)
+            encoded = [
+                _fit(data, name, details.input_height, details.input_width)
+                for data, name in zip(encoded, args.images, strict=True)
+            ]
         result = client.predict(
             encoded, model=args.model, version=args.version, neurons=_neurons(args.neurons)
         )

@@ -6,7 +6,6 @@ import argparse
 import json
 import platform
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 HELP = "train a natural-image GAN prior and add it to the model store"
@@ -49,36 +48,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _store_target(out: str) -> tuple[Path, str]:
-    from neurotwin.errors import InvalidInput
-    from neurotwin.store import GENERATORS
-
-    path = Path(out)
-    if path.parent.name != GENERATORS:
-        raise InvalidInput(f"--out {out}: expected <store>/{GENERATORS}/<name>")
-    return path.parent.parent, path.name
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from neurotwin.imagecodec import encode_png
-    from neurotwin.runtimes.generators import save_generator
-    from neurotwin.store import GENERATORS, ModelStore
     from neurotwin.training.frechet import generator_quality
     from neurotwin.training.gan import (
         GANConfig,
         config_dict,
+        generator_target,
         load_images,
         resolve_device,
-        sample_grid,
         split_holdout,
+        store_generator,
         train_gan,
     )
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    root, name = _store_target(args.out)
+    generator_target(args.out)  # refuse a wrong --out before training, not after
     device = resolve_device(args.device)
     budget_min = args.time_budget_min
     if budget_min is None and device.type == "cpu":
@@ -146,22 +133,17 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         **result.info(),
     }
-    store = ModelStore(root)
     description = args.description or (
         f"DCGAN prior, {args.resolution} px, width {args.width}, trained on {len(train_idx)} photos"
     )
-    with store.new_version(GENERATORS, name) as staging:
-        card = save_generator(
-            generator,
-            staging,
-            name,
-            description=description,
-            training=training,
-            metrics=metrics,
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
-        )
-        (staging / "samples.png").write_bytes(encode_png(sample_grid(generator, 64, seed=args.seed)))
-    version = store.resolve(GENERATORS, name)
+    version = store_generator(
+        args.out,
+        generator,
+        description=description,
+        training=training,
+        metrics=metrics,
+        sample_seed=args.seed,
+    )
     print(f"wrote {version} ({params / 1e6:.2f} M parameters) to {version.path}")
-    print(json.dumps({"frechet": card.metrics.get("frechet"), "training": result.info()}, indent=1))
+    print(json.dumps({"frechet": metrics.get("frechet"), "training": result.info()}, indent=1))
     return 0

@@ -17,6 +17,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,9 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from neurotwin.errors import DataError, InvalidInput
-from neurotwin.imagecodec import decode_image
-from neurotwin.runtimes.generators import DCGANGenerator, ImagePrior, upsampling_plan
+from neurotwin.imagecodec import decode_image, encode_png
+from neurotwin.runtimes.generators import DCGANGenerator, ImagePrior, save_generator, upsampling_plan
+from neurotwin.store import GENERATORS, ModelStore, ModelVersion
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -312,6 +314,42 @@ def sample_grid(generator: ImagePrior, count: int = 64, seed: int = 0, columns: 
         y, x = divmod(i, columns)
         sheet[:, y * r : (y + 1) * r, x * r : (x + 1) * r] = image
     return (sheet.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def generator_target(out: str | os.PathLike[str]) -> tuple[ModelStore, str]:
+    """``<store>/generators/<name>`` -> (the store, the name); anything else is refused."""
+    path = Path(out)
+    if path.parent.name != GENERATORS:
+        raise InvalidInput(f"--out {out}: expected <store>/{GENERATORS}/<name>")
+    return ModelStore(path.parent.parent), path.name
+
+
+def store_generator(
+    out: str | os.PathLike[str],
+    generator: ImagePrior,
+    *,
+    description: str,
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    latent_prior: dict[str, Any] | None = None,
+    sample_seed: int = 0,
+) -> ModelVersion:
+    """Add ``generator`` as the next version of ``out`` (``<store>/generators/<name>``): weights, card
+    and ``samples.png``, a contact sheet to judge the prior by eye."""
+    store, name = generator_target(out)
+    with store.new_version(GENERATORS, name) as staging:
+        save_generator(
+            generator,
+            staging,
+            name,
+            description=description,
+            training=training,
+            metrics=metrics,
+            latent_prior=latent_prior,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        (staging / "samples.png").write_bytes(encode_png(sample_grid(generator, 64, seed=sample_seed)))
+    return store.resolve(GENERATORS, name)
 
 
 def config_dict(config: GANConfig) -> dict[str, Any]:

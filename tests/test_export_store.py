@@ -364,6 +364,7 @@ def test_bundled_twin_validates_and_predicts() -> None:
 @pytest.mark.skipif(not COWLEY.is_dir(), reason="needs ../shared/data/cowley_v4 (not on a fresh machine)")
 def test_bundled_twin_reproduces_its_recorded_test_accuracy() -> None:
     from neurotwin.training.datasets import load_recording
+    from neurotwin.training.evaluate import pearson_per_neuron
 
     version = ModelStore(REPO / "model_store").resolve(PREDICTORS, "v4-201025")
     card = validate_predictor(version)
@@ -372,6 +373,5 @@ def test_bundled_twin_reproduces_its_recorded_test_accuracy() -> None:
     test = np.asarray(card.training["split"]["test"])
     session = ort.InferenceSession(str(version.model_path), providers=["CPUExecutionProvider"])
     predicted = session.run(None, {session.get_inputs()[0].name: rec.images[test]})[0]
-    measured = rec.responses[:, test].T
-    r = [np.corrcoef(measured[:, k], predicted[:, k])[0, 1] for k in range(measured.shape[1])]
+    r = pearson_per_neuron(predicted, rec.responses[:, test].T)
     assert np.median(r) == pytest.approx(card.metrics["test"]["median_r"], abs=1e-3)

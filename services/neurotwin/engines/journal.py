@@ -297,10 +297,10 @@ class SqlJournal(Journal):
         cur.execute(self._sql(text), tuple(params))
         return cur
 
-    def _exec_many(self, cur: Any, text: str, rows: Sequence[Sequence[Any]]) -> None:
+    def _exec_many(self, cur: Any, text: str, rows: Sequence[tuple[Any, ...]]) -> None:
         # One statement for a generation's rows: a Tell or Ask writes 40+ of them inside its latency budget.
         if rows:
-            cur.executemany(self._sql(text), [tuple(row) for row in rows])
+            cur.executemany(self._sql(text), rows)
 
     def _create_schema(self) -> None:
         types = _TYPES[self.dialect]
@@ -520,22 +520,20 @@ class SqlJournal(Journal):
                     completion.status,
                 ]
             revision = self._bump(cur, session_id, expected_revision, sets, params)
-            rows = []
-            for r in responses:
-                repeats = np.ascontiguousarray(r.repeats, dtype=np.float32)
-                rows.append(
-                    (
-                        session_id,
-                        r.generation,
-                        r.index,
-                        repeats.shape[0],
-                        repeats.shape[1],
-                        repeats.tobytes(),
-                        r.received,
-                        r.onset,
-                        r.duration,
-                    )
+            rows = [
+                (
+                    session_id,
+                    r.generation,
+                    r.index,
+                    r.repeats.shape[0],
+                    r.repeats.shape[1],
+                    np.ascontiguousarray(r.repeats, dtype=np.float32).tobytes(),
+                    r.received,
+                    r.onset,
+                    r.duration,
                 )
+                for r in responses
+            ]
             self._exec_many(
                 cur,
                 "INSERT INTO nt_responses (session_id, generation, idx, repeats, neurons, rates, "

@@ -371,13 +371,9 @@ def build_engine(settings: Settings) -> ClosedLoopEngine:
 def limit_threads(count: int) -> None:
     """Cap torch's and the BLAS libraries' thread pools (process-wide)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(count)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        log.warning("threadpoolctl is missing: BLAS threads keep their default (set OMP_NUM_THREADS)")
-        return
     threadpool_limits(limits=count, user_api="blas")
 
 

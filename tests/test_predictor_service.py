@@ -201,7 +201,8 @@ def test_invalid_requests(stub: pb_grpc.FiringRatePredictorStub) -> None:
         # Larger than the model's input: refused from the header, before any pixel is decoded.
         (
             pb.PredictRequest(model="tiny", images=[pb.Image(encoded=_png_claiming(4000, 3000))]),
-            "expects 32 x 32 x 3): 4000 x 3000 pixels exceeds the limit",
+            "image 0: 4000 x 3000 pixels exceeds the limit of 1024 decoded pixels; "
+            "model tiny v1 expects 32 x 32 x 3",
         ),
         (pb.PredictRequest(images=[good]), "model name is required"),
     ]

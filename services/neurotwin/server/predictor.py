@@ -304,8 +304,11 @@ def decode_images(
         what = f"image {i}"
         kind = image.WhichOneof("data")
         if kind == "encoded":
-            # A too-large image is refused from its header: say which size would have been right.
-            array = decode_image(image.encoded, max_pixels=pixel_limit, what=f"{what} ({_expected(loaded)})")
+            try:
+                array = decode_image(image.encoded, max_pixels=pixel_limit, what=what)
+            except InvalidInput as exc:
+                # A too-large image is refused from its header: say which size would have been right.
+                raise InvalidInput(f"{exc}; {_expected(loaded)}") from exc
         elif kind == "raw":
             array = raw_image(image.raw, what, max_pixels)
         else:

@@ -17,6 +17,7 @@ so the work stops within one step.
 from __future__ import annotations
 
 import collections
+import importlib
 import logging
 import math
 import os
@@ -404,13 +405,6 @@ def _finite(value: float, what: str) -> float:
     return value
 
 
-def _import_cma() -> None:
-    try:
-        import cma  # noqa: F401
-    except ImportError:  # pragma: no cover - a hard dependency; the first CMA-ES job reports it
-        pass
-
-
 class SynthesizerService:
     """Requests in, response messages out; no gRPC. Used by the servicer and by the CLI in-process."""
 
@@ -440,7 +434,9 @@ class SynthesizerService:
         if start:
             self.scheduler.start()
             # pycma takes seconds to import; do it now rather than in the first CMA-ES request.
-            threading.Thread(target=_import_cma, name="import-cma", daemon=True).start()
+            threading.Thread(
+                target=importlib.import_module, args=("cma",), name="import-cma", daemon=True
+            ).start()
 
     def stop(self) -> None:
         self.scheduler.stop()

@@ -346,6 +346,7 @@ def test_cmaes_runs_its_algebra_on_one_blas_thread(monkeypatch: pytest.MonkeyPat
         return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
 
     before = blas_threads()
+    assert before, "numpy's BLAS should be visible to threadpoolctl"  # else the checks below are empty
     with single_threaded_blas():
         assert all(n == 1 for n in blas_threads())
     assert blas_threads() == before  # restored afterwards

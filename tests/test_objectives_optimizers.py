@@ -340,24 +340,27 @@ def test_gradient_state_round_trip_is_exact() -> None:
 
 
 def test_cmaes_runs_its_algebra_on_one_blas_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    from threadpoolctl import threadpool_info
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     def blas_threads() -> list[int]:
         return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
 
-    before = blas_threads()
-    assert before, "numpy's BLAS should be visible to threadpoolctl"  # else the checks below are empty
-    with single_threaded_blas():
-        assert all(n == 1 for n in blas_threads())
-    assert blas_threads() == before  # restored afterwards
-    seen: list[list[int]] = []
-    es = CMAES(np.zeros(6), CMAESConfig(population=4), seed=0)
-    original_ask = es.es.ask
+    assert blas_threads(), "numpy's BLAS should be visible to threadpoolctl"  # else nothing is checked
+    # Start from a multi-threaded pool, so the test means something on a machine whose default is one.
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        assert all(n == 2 for n in before)
+        with single_threaded_blas():
+            assert all(n == 1 for n in blas_threads())
+        assert blas_threads() == before  # restored afterwards
+        seen: list[list[int]] = []
+        es = CMAES(np.zeros(6), CMAESConfig(population=4), seed=0)
+        original_ask = es.es.ask
 
-    def ask_and_record(*args: object, **kwargs: object) -> object:
-        seen.append(blas_threads())
-        return original_ask(*args, **kwargs)
+        def ask_and_record(*args: object, **kwargs: object) -> object:
+            seen.append(blas_threads())
+            return original_ask(*args, **kwargs)
 
-    monkeypatch.setattr(es.es, "ask", ask_and_record)
-    es.ask()
-    assert seen and all(n == 1 for n in seen[0])
+        monkeypatch.setattr(es.es, "ask", ask_and_record)
+        es.ask()
+        assert seen and all(n == 1 for n in seen[0])

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     # SOURCE is <store>/generators/NAME or <store>/generators/NAME/VERSION.
     path = Path(args.source)
     pinned = int(path.name) if path.name.isdigit() else None
-    model_dir = path.parent if pinned else path
+    model_dir = path.parent if pinned is not None else path
     source_store, source_name = generator_target(model_dir)
     folder = source_store.resolve(GENERATORS, source_name, pinned).path
     target_store, name = generator_target(args.out)

@@ -307,7 +307,7 @@ def decode_images(
             try:
                 array = decode_image(image.encoded, max_pixels=pixel_limit, what=what)
             except InvalidInput as exc:
-                # A too-large image is refused from its header: say which size would have been right.
+                # Most refusals are photos of the wrong size or format: say what the model takes.
                 raise InvalidInput(f"{exc}; {_expected(loaded)}") from exc
         elif kind == "raw":
             array = raw_image(image.raw, what, max_pixels)

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "serve": "serve",
     "predict": "predict",
     "synthesize": "synthesize",
+    "synthesize-all": "synthesize_all",
     "rig-sim": "rig_sim",
     "export": "export",
 }
@@ -38,6 +39,7 @@ SUMMARIES: dict[str, str] = {
     "serve": "run the gRPC services",
     "predict": "predict firing rates for image files through a running service",
     "synthesize": "synthesize preferred stimuli for a neuron",
+    "synthesize-all": "synthesize preferred stimuli for every neuron of a twin (resumable, sharded)",
     "rig-sim": "run a closed-loop session against a simulated neuron",
     "export": "export a twin to other serving systems (TorchServe)",
 }

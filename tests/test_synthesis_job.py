@@ -35,12 +35,11 @@ from neurotwin.engines.neuron_sweep import (
     DEFAULT_BUDGETS,
     DEFAULT_GENERATOR,
     DEFAULT_IMAGES,
-    SweepFolder,
-    SweepSpec,
     neuron_request,
     run_slice,
     shard_neurons,
 )
+from neurotwin.engines.sweep_folder import SweepFolder, SweepSpec
 from neurotwin.errors import InvalidInput
 from neurotwin.runtimes.generators import DCGANGenerator, save_generator
 from neurotwin.store import GENERATORS, ModelStore

@@ -2,15 +2,15 @@
 
 Synthesizes images for each neuron of a twin with the synthesizer service's defaults (method,
 generator, budget) by running the synthesis engine in this process, and writes one folder per neuron
-into DIR (see ``neurotwin.engines.neuron_sweep``). ``--shard-index I --shard-count N`` does only
+into DIR (see ``neurotwin.engines.sweep_folder``). ``--shard-index I --shard-count N`` does only
 slice I of N; in a Kubernetes Indexed Job each pod takes its index from ``$JOB_COMPLETION_INDEX`` and
 the count from ``$NEUROTWIN_SYNTHESIZE_ALL_SHARD_COUNT`` (deploy/k8s/jobs/synthesize-all). Running a
 slice again skips the neurons already finished. The process that finds every neuron done writes the
 contact sheet and index; ``--contact-sheet`` writes them at any time from what DIR holds.
 
 Exit status: 0 done; 2 a fault in the arguments, the model store or DIR that a retry cannot fix
-(the Job fails at once); 3 some neurons failed (the rest are written; the index is retried or
-failed by the Job's policy); 1 anything else (a retry may help, e.g. no usable GPU on this node).
+(the Job fails at once); 3 some neurons failed, the others are written (the Job fails that index);
+1 anything else, where a retry may help (no usable GPU on this node, a full or broken volume).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from neurotwin.errors import FailedPrecondition, InvalidInput, ModelStoreError, 
 if TYPE_CHECKING:
     import torch
 
-    from neurotwin.engines.neuron_sweep import SweepSpec
+    from neurotwin.engines.sweep_folder import SweepSpec
     from neurotwin.engines.synthesis import ModelPair
 
 HELP = "synthesize preferred stimuli for every neuron of a twin (resumable, sharded)"
@@ -140,13 +140,8 @@ def _spec(args: argparse.Namespace, recorded: SweepSpec | None) -> SweepSpec:
     """The sweep asked for; an unpinned version follows a sweep already recorded in --out, so
     slices started after a new version was published still work on the same one."""
     from neurotwin.card import PredictorCard
-    from neurotwin.engines.neuron_sweep import (
-        DEFAULT_BUDGETS,
-        DEFAULT_GENERATOR,
-        DEFAULT_IMAGES,
-        PIXELS,
-        SweepSpec,
-    )
+    from neurotwin.engines.neuron_sweep import DEFAULT_BUDGETS, DEFAULT_GENERATOR, DEFAULT_IMAGES
+    from neurotwin.engines.sweep_folder import PIXELS, SweepSpec
     from neurotwin.store import GENERATORS, PREDICTORS, ModelStore
 
     store = ModelStore(args.model_store)
@@ -187,7 +182,7 @@ def _spec(args: argparse.Namespace, recorded: SweepSpec | None) -> SweepSpec:
 
 
 def _load_pair(store_root: str, spec: SweepSpec, device: torch.device) -> ModelPair:
-    from neurotwin.engines.neuron_sweep import PIXELS
+    from neurotwin.engines.sweep_folder import PIXELS
     from neurotwin.engines.synthesis import ModelPair
     from neurotwin.runtimes.generators import FourierPixels, load_generator
     from neurotwin.runtimes.onnx_torch import load_differentiable_twin
@@ -231,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
         count = _int_setting(args.shard_count, COUNT_ENV, 1)
         if args.concurrency < 1:
             raise InvalidInput(f"--concurrency must be at least 1, got {args.concurrency}")
-        from neurotwin.engines.neuron_sweep import SweepFolder, shard_neurons
+        from neurotwin.engines.neuron_sweep import shard_neurons
+        from neurotwin.engines.sweep_folder import SweepFolder
 
         shard_neurons(0, index, count)  # checks the index against the count before anything loads
         folder = SweepFolder(out)
@@ -290,16 +286,21 @@ def run(args: argparse.Namespace) -> int:
             "host": socket.gethostname(),
             "neurotwin": __version__,
         }
-        result = run_slice(
-            pair,
-            spec,
-            folder,
-            neurons,
-            device=device,
-            concurrency=args.concurrency,
-            extra=extra,
-            on_neuron=on_neuron,
-        )
+        try:
+            result = run_slice(
+                pair,
+                spec,
+                folder,
+                neurons,
+                device=device,
+                concurrency=args.concurrency,
+                extra=extra,
+                on_neuron=on_neuron,
+            )
+        except OSError as exc:
+            # A full or unreachable results volume: finished neurons are safe, the rest wait for a retry.
+            print(f"neurotwin synthesize-all: error: writing {out}: {exc}", file=sys.stderr)
+            return 1
         failed = result.failed
         print(
             f"{label}: {len(result.done)} synthesized, {len(result.skipped)} skipped (already done), "

@@ -1,4 +1,4 @@
-"""The report over a whole sweep (see neuron_sweep.py): a contact sheet and an index of every neuron.
+"""The report over a whole sweep (see sweep_folder.py): a contact sheet and an index of every neuron.
 
 - ``contact_sheet.png``: one cell per neuron of the twin, in neuron order, showing its strongest
   synthesized image with the neuron id and its activation relative to the neuron's maximum over
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neurotwin.engines.neuron_sweep import SweepFolder, SweepSpec, write_atomic
+from neurotwin.engines.sweep_folder import SweepFolder, SweepSpec, write_atomic
 from neurotwin.errors import InvalidInput
 
 __all__ = ["CELL", "REPORT_FILES", "Report", "write_report"]

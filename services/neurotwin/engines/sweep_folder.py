@@ -127,11 +127,24 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(out.fileno())
 
 
+def _temporary(folder: Path, name: str) -> Path:
+    # A random name, not the pid: pods on different nodes share the volume, and each one's process
+    # may well have the same pid.
+    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    return Path(path)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a file through a private temporary name and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_file(tmp, data)
-    tmp.replace(path)
+    tmp = _temporary(path.parent, path.name)
+    try:
+        _write_file(tmp, data)
+        tmp.chmod(0o644)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class SweepFolder:
@@ -163,9 +176,10 @@ class SweepFolder:
         existing = self.read_spec()
         if existing is not None:
             return existing
-        tmp = self.root / f".{SPEC_FILE}.tmp-{os.getpid()}"
-        _write_file(tmp, (json.dumps(spec.to_dict(), indent=1) + "\n").encode())
+        tmp = _temporary(self.root, SPEC_FILE)
         try:
+            _write_file(tmp, (json.dumps(spec.to_dict(), indent=1) + "\n").encode())
+            tmp.chmod(0o644)
             os.link(tmp, self.spec_path)
         except FileExistsError:
             pass

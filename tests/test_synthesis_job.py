@@ -171,6 +171,17 @@ def test_failed_neuron_is_reported_and_the_others_are_written(tmp_path: Path) ->
     assert sorted(again.skipped) == [0, 1, 2] and again.done == [] and list(again.failed) == [3]
 
 
+def test_a_write_that_fails_halfway_leaves_nothing(tmp_path: Path) -> None:
+    spec = SweepSpec("t", 1, "g", 1, "gradient", 2, 2, 0, ["a", "b"])
+    folder = SweepFolder(tmp_path)
+    folder.claim(spec)
+    record = {"images": [{"file": "image_00.png"}, {"file": "image_01.png"}]}
+    with pytest.raises(ValueError):
+        # The second image is missing: the first is written into staging, then zip() gives up.
+        folder.write_neuron(spec, 1, record, [b"png"], np.zeros((2, 3), np.float32))
+    assert [p.name for p in folder.neurons.iterdir()] == []
+
+
 # ---------------------------------------------------------------------------------------------
 # In-process command runs
 
@@ -533,15 +544,17 @@ def test_two_indices_run_as_pods_cover_every_neuron_and_resume(tmp_path: Path) -
     (partial / "result.json").unlink()
     image = partial / "image_01.png"
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    # Neuron 4's folder copied back by hand without its result file: incomplete, so redone too.
+    (folder.neuron_dir(spec, 4) / "result.json").unlink()
     for name in REPORT_FILES:
         (out / name).unlink()
-    kept = {n: _stamp(folder.neuron_dir(spec, n) / "result.json") for n in range(NEURONS) if n != 2}
+    kept = {n: _stamp(folder.neuron_dir(spec, n) / "result.json") for n in (0, 1, 3)}
 
     log = _wait(start(0), tmp_path, 0)
-    assert _synthesized(log) == [2], log
-    assert "1 synthesized, 2 skipped (already done), 0 failed, 1 partial results removed" in log
+    assert sorted(_synthesized(log)) == [2, 4], log
+    assert "2 synthesized, 1 skipped (already done), 0 failed, 1 partial results removed" in log
     assert not partial.exists()
-    assert folder.read_result(spec, 2) is not None
+    assert folder.read_result(spec, 2) is not None and folder.read_result(spec, 4) is not None
     assert {n: _stamp(folder.neuron_dir(spec, n) / "result.json") for n in kept} == kept
     _check_report(out, spec)
 

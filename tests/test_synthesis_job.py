@@ -2,7 +2,8 @@
 
 - Slicing: every (neuron count, shard count) splits into disjoint slices that cover every neuron.
 - Same images as the service: a sweep's per-neuron request equals the one the synthesizer service
-  builds for a request that names only the twin and the neuron.
+  builds for a request that names only the twin and the neuron, and its images are pixel for pixel
+  those of ``neurotwin synthesize`` with the same seed.
 - The Job (deploy/k8s/jobs/synthesize-all, and the README's sizing example) renders with
   ``kubectl kustomize`` and validates strictly against the Kubernetes schemas; its wiring (GPU,
   volumes, security, exit codes of the failure policy, the slice count) fits the command and the
@@ -132,6 +133,25 @@ def test_sweep_requests_equal_the_services(tmp_path: Path) -> None:
     assert type(ours.objective) is type(expected.objective)
     assert ours.objective.neurons == expected.objective.neurons
     assert ours.objective.target == expected.objective.target == 3
+
+
+def test_sweep_images_equal_the_synthesize_commands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """End to end: a neuron's sweep images are pixel for pixel those of ``neurotwin synthesize``
+    (the in-process synthesizer service) with the same seed, budget and image count."""
+    store = str(_store(tmp_path / "store"))
+    small = ["--model-store", store, "--budget", "3", "--num-images", "2", "--seed", "5"]
+    assert main(["synthesize", "--model", "tiny", "--neuron", "3", "--out", str(tmp_path / "one"),
+                 "--no-progress", *small]) == 0  # fmt: skip
+    assert main(["synthesize-all", "--model", "tiny", "--out", str(tmp_path / "all"), "--concurrency", "1",
+                 *small]) == 0  # fmt: skip
+    capsys.readouterr()
+    service = sorted((tmp_path / "one").glob("tiny_3_gradient_*.png"))
+    sweep = sorted((tmp_path / "all" / "neurons").glob("00003-*/image_*.png"))
+    assert len(service) == len(sweep) == 2
+    for a, b in zip(service, sweep, strict=True):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), (a, b)
 
 
 # ---------------------------------------------------------------------------------------------

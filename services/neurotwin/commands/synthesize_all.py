@@ -27,9 +27,12 @@ from typing import TYPE_CHECKING
 from neurotwin.errors import FailedPrecondition, InvalidInput, ModelStoreError, NotFound
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
-    from neurotwin.engines.sweep_folder import SweepSpec
+    from neurotwin.engines.neuron_sweep import NeuronOutcome
+    from neurotwin.engines.sweep_folder import SweepFolder, SweepSpec
     from neurotwin.engines.synthesis import ModelPair
 
 HELP = "synthesize preferred stimuli for every neuron of a twin (resumable, sharded)"
@@ -213,8 +216,52 @@ def _write_report(out: Path) -> int:
     return 0
 
 
+def _open_sweep(args: argparse.Namespace) -> tuple[SweepFolder, SweepSpec]:
+    """The sweep folder and the sweep it holds (recording ours if it holds none); InvalidInput when it
+    holds another one."""
+    from neurotwin.engines.sweep_folder import SweepFolder
+
+    folder = SweepFolder(args.out)
+    spec = _spec(args, folder.read_spec())
+    recorded = folder.claim(spec)
+    if recorded != spec:
+        # Another slice recorded the sweep between our read and our claim; follow it if we can.
+        spec = _spec(args, recorded)
+        if recorded != spec:
+            raise InvalidInput(
+                f"{args.out} holds another sweep ({recorded.describe()}); it differs in "
+                f"{'; '.join(recorded.differences(spec))}. Use another --out or the same settings"
+            )
+    return folder, spec
+
+
+def _printer(label: str, total: int) -> Callable[[NeuronOutcome], None]:
+    """One log line per finished neuron (the pod's log is the progress report)."""
+    started = time.monotonic()
+    finished = 0
+
+    def on_neuron(outcome: NeuronOutcome) -> None:
+        nonlocal finished
+        finished += 1
+        where = f"[{label} {finished}/{total}, {time.monotonic() - started:.0f} s]"
+        if outcome.error:
+            print(
+                f"{where} neuron {outcome.neuron} ({outcome.neuron_id}) FAILED: {outcome.error}", flush=True
+            )
+            return
+        ratio = f" ({outcome.best_ratio:.2f}x natural max)" if outcome.best_ratio is not None else ""
+        print(
+            f"{where} neuron {outcome.neuron} ({outcome.neuron_id}): best activation "
+            f"{outcome.best_activation:.4g}{ratio} in {outcome.seconds:.1f} s",
+            flush=True,
+        )
+
+    return on_neuron
+
+
 def run(args: argparse.Namespace) -> int:
     from neurotwin import __version__
+    from neurotwin.engines.neuron_sweep import run_slice, shard_neurons
 
     out: Path = args.out
     try:
@@ -226,23 +273,14 @@ def run(args: argparse.Namespace) -> int:
         count = _int_setting(args.shard_count, COUNT_ENV, 1)
         if args.concurrency < 1:
             raise InvalidInput(f"--concurrency must be at least 1, got {args.concurrency}")
-        from neurotwin.engines.neuron_sweep import shard_neurons
-        from neurotwin.engines.sweep_folder import SweepFolder
-
         shard_neurons(0, index, count)  # checks the index against the count before anything loads
-        folder = SweepFolder(out)
-        spec = _spec(args, folder.read_spec())
-        recorded = folder.claim(spec)
-        if recorded != spec:
-            # Another slice recorded the sweep between our read and our claim; follow it if we can.
-            spec = _spec(args, recorded)
-            if recorded != spec:
-                raise InvalidInput(
-                    f"{out} holds another sweep ({recorded.describe()}); it differs in "
-                    f"{'; '.join(recorded.differences(spec))}. Use another --out or the same settings"
-                )
+        folder, spec = _open_sweep(args)
     except (InvalidInput, NotFound, ModelStoreError) as exc:
         return _fail(str(exc))
+    except OSError as exc:
+        # The results volume is not writable or not reachable: perhaps not for long, so exit 1.
+        print(f"neurotwin synthesize-all: error: {out}: {exc}", file=sys.stderr)
+        return 1
     device = _device(args.device or os.environ.get(DEVICE_ENV, "") or "auto")
     neurons = shard_neurons(len(spec.neuron_ids), index, count)
     label = f"shard {index}/{count}"
@@ -252,34 +290,13 @@ def run(args: argparse.Namespace) -> int:
         f"{len(neurons) - len(todo)} already done, on {device}",
         flush=True,
     )
-    failed: dict[int, str] = {}
-    if todo:
-        from neurotwin.engines.neuron_sweep import NeuronOutcome, run_slice
-
+    if not todo:
+        folder.clear_partials(neurons)
+    else:
         try:
             pair = _load_pair(args.model_store, spec, device)
         except (NotFound, ModelStoreError) as exc:
             return _fail(str(exc))
-        started = time.monotonic()
-        finished = 0
-
-        def on_neuron(outcome: NeuronOutcome) -> None:
-            nonlocal finished
-            finished += 1
-            where = f"[{label} {finished}/{len(todo)}, {time.monotonic() - started:.0f} s]"
-            if outcome.error:
-                print(
-                    f"{where} neuron {outcome.neuron} ({outcome.neuron_id}) FAILED: {outcome.error}",
-                    flush=True,
-                )
-                return
-            ratio = f" ({outcome.best_ratio:.2f}x natural max)" if outcome.best_ratio is not None else ""
-            print(
-                f"{where} neuron {outcome.neuron} ({outcome.neuron_id}): best activation "
-                f"{outcome.best_activation:.4g}{ratio} in {outcome.seconds:.1f} s",
-                flush=True,
-            )
-
         extra = {
             "shard": {"index": index, "count": count},
             "device": str(device),
@@ -295,25 +312,20 @@ def run(args: argparse.Namespace) -> int:
                 device=device,
                 concurrency=args.concurrency,
                 extra=extra,
-                on_neuron=on_neuron,
+                on_neuron=_printer(label, len(todo)),
             )
         except OSError as exc:
             # A full or unreachable results volume: finished neurons are safe, the rest wait for a retry.
             print(f"neurotwin synthesize-all: error: writing {out}: {exc}", file=sys.stderr)
             return 1
-        failed = result.failed
         print(
             f"{label}: {len(result.done)} synthesized, {len(result.skipped)} skipped (already done), "
-            f"{len(failed)} failed, {result.partials_removed} partial results removed",
+            f"{len(result.failed)} failed, {result.partials_removed} partial results removed",
             flush=True,
         )
-    else:
-        folder.clear_partials(neurons)
-    if failed:
-        print(
-            f"{label}: neurons {sorted(failed)} failed; run this slice again to retry them", file=sys.stderr
-        )
-        return EXIT_NEURONS_FAILED
+        if result.failed:
+            print(f"{label}: neurons {sorted(result.failed)} failed (see above)", file=sys.stderr)
+            return EXIT_NEURONS_FAILED
     # The slice that completes the sweep writes the report; the others leave it to that one.
     if all(folder.has_result_file(spec, n) for n in range(len(spec.neuron_ids))):
         return _write_report(out)

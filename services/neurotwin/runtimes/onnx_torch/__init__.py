@@ -1,0 +1,36 @@
+"""The differentiable twin: an ONNX predictor graph evaluated with torch ops, so gradients reach the image.
+
+Any predictor in the store (trained anywhere, exported by anything) is synthesized for through this
+module. The graph is converted once: every node is checked against the supported op set (an unknown op
+fails here, naming it, never at the first forward), constant subgraphs are folded, and initializers
+become buffers (or parameters, for callers that fine-tune a readout). ``forward`` then walks the nodes in
+topological order.
+
+Devices: float data lives where the module lives. Shape arithmetic (Shape -> Gather -> Concat -> Reshape
+chains that exporters emit for dynamic batch sizes) stays on the CPU, so reading a target shape never
+waits on the GPU.
+
+The predictor contract takes uint8 [N, H, W, 3]; this module takes the same layout as float 0..255 so that
+gradients flow (the graph's Cast from uint8 becomes a float-to-float no-op). ``forward_chw01`` takes the
+[N, 3, H, W] images in [0, 1] that generators produce.
+
+Layout: ``registry`` (node record, op registry, helpers), ``ops_*`` (converters by family), ``module``
+(the compiled graph), ``parity`` (against ONNX Runtime), ``loading`` (from the store).
+"""
+
+from __future__ import annotations
+
+from .loading import load_differentiable_twin
+from .module import SUPPORTED_OPS, OnnxTorchModule, convert_onnx
+from .parity import ParityReport, check_parity
+from .registry import UnsupportedOperator
+
+__all__ = [
+    "SUPPORTED_OPS",
+    "OnnxTorchModule",
+    "ParityReport",
+    "UnsupportedOperator",
+    "check_parity",
+    "convert_onnx",
+    "load_differentiable_twin",
+]

@@ -195,6 +195,27 @@ CASES: dict[str, Case] = {
         {"s": _f(3), "b": _f(3), "ls": _f(12), "w": _f(5, 12), "c": _f(5)},
         17,
     ),
+    "global_average_pool_3d": (
+        [helper.make_node("GlobalAveragePool", ["x"], ["y"])],
+        {"x": _f(2, 3, 4, 5, 2)},
+        {"y": F32},
+        {},
+        17,
+    ),
+    "group_norm_per_group_scale_opset18": (
+        [helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=2, epsilon=1e-3)],
+        {"x": _f(2, 6, 3, 3)},
+        {"y": F32},
+        {"s": _f(2), "b": _f(2)},
+        18,
+    ),
+    "group_norm_per_channel_scale_opset21": (
+        [helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=3)],
+        {"x": _f(2, 6, 4)},
+        {"y": F32},
+        {"s": _f(6), "b": _f(6)},
+        21,
+    ),
 }
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .registry import OPS, Node, align, is_float, optional, present, register_op
+from .registry import OPS, Node, align, is_float, optional, present, register_check, register_op
 
 
 def _unary(fn: Callable[[Tensor], Tensor]) -> Callable[[Node, list[Tensor | None]], Tensor]:
@@ -152,9 +152,22 @@ for _name, _bfn in {
     "And": torch.logical_and,
     "Or": torch.logical_or,
     "Xor": torch.logical_xor,
-    "BitShift": torch.bitwise_left_shift,
 }.items():
     OPS[_name] = _binary(_bfn)
+
+
+@register_op("BitShift")
+def _bit_shift(node: Node, xs: list[Tensor | None]) -> Tensor:
+    a, b = align(xs[0], xs[1])  # type: ignore[arg-type]
+    if str(node.attr("direction")) == "RIGHT":
+        return torch.bitwise_right_shift(a, b)
+    return torch.bitwise_left_shift(a, b)
+
+
+@register_check("BitShift")
+def _check_bit_shift(node: Node) -> str | None:
+    direction = str(node.attr("direction", ""))
+    return None if direction in ("LEFT", "RIGHT") else f"BitShift direction {direction!r}"
 
 
 @register_op("Mod")

@@ -14,8 +14,12 @@ The predictor contract takes uint8 [N, H, W, 3]; this module takes the same layo
 gradients flow (the graph's Cast from uint8 becomes a float-to-float no-op). ``forward_chw01`` takes the
 [N, 3, H, W] images in [0, 1] that generators produce.
 
+Output pruning (``pruning``, ``pruning_rules``): a twin for an objective that reads a few neurons is
+cut down, before conversion, to the part of the graph those neurons depend on
+(``load_differentiable_twin(..., outputs=[...])``, or :func:`prune_outputs` on a ModelProto).
+
 Layout: ``registry`` (node record, op registry, helpers), ``ops_*`` (converters by family), ``module``
-(the compiled graph), ``parity`` (against ONNX Runtime), ``loading`` (from the store).
+(the compiled graph), ``parity`` (against ONNX Runtime), ``loading`` (from the store), ``pruning``.
 """
 
 from __future__ import annotations
@@ -23,14 +27,17 @@ from __future__ import annotations
 from .loading import load_differentiable_twin
 from .module import SUPPORTED_OPS, OnnxTorchModule, convert_onnx
 from .parity import ParityReport, check_parity
+from .pruning import PrunedGraph, prune_outputs
 from .registry import UnsupportedOperator
 
 __all__ = [
     "SUPPORTED_OPS",
     "OnnxTorchModule",
     "ParityReport",
+    "PrunedGraph",
     "UnsupportedOperator",
     "check_parity",
     "convert_onnx",
     "load_differentiable_twin",
+    "prune_outputs",
 ]

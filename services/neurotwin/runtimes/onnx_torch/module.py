@@ -98,6 +98,10 @@ class OnnxTorchModule(nn.Module):
         }
         self.output_dims = {o.name: _static_dims(o) for o in graph.output}
         self._trainable = trainable
+        # Set by load_differentiable_twin(outputs=...): original output column of each output column, and
+        # the pruning figures (a pruning.PrunedGraph without its model).
+        self.kept_outputs: tuple[int, ...] | None = None
+        self.pruning: Any = None
         self._constant_count = 0
         unsupported: dict[str, int] = {}
         problems: list[str] = []

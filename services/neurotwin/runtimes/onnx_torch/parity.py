@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +32,13 @@ def check_parity(
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
+    outputs: Sequence[int] | None = None,
 ) -> ParityReport:
     """Compare the module with ONNX Runtime on ``n`` random uint8 images; raise ModelStoreError on mismatch.
 
     Runs on the module's current device; callers that want float32-exact semantics check on the CPU
-    (GPU convolutions may use TF32).
+    (GPU convolutions may use TF32). With ``outputs``, the module is a pruned one: its column ``j`` is
+    compared with column ``outputs[j]`` of the full model at ``onnx_path``.
     """
     import onnxruntime as ort
 
@@ -53,6 +56,8 @@ def check_parity(
     expected = np.concatenate(
         [session.run(None, {module.input_names[0]: images[i : i + step]})[0] for i in range(0, n, step)]
     )
+    if outputs is not None:
+        expected = expected[:, list(outputs)]
     device = next(
         (t.device for t in itertools.chain(module.parameters(), module.buffers())), torch.device("cpu")
     )

@@ -4,6 +4,7 @@
     python bench/synthesis.py --quick              # 8 neurons, smaller timing runs
     python bench/synthesis.py --neurons 0-9,40 --methods gradient,cmaes
     python bench/synthesis.py --lucent-path /tmp/lucent-site   # where torch-lucent was installed
+    python bench/synthesis.py --only-pruning       # just the output-pruning section (no natural images)
 
 For each neuron of the session, each method synthesizes one image (seed = neuron index), and the
 score is the twin's activation on that image (quantized to uint8 at the twin's input size) divided by
@@ -25,6 +26,10 @@ Timing:
     for the same 16 gradient jobs;
   - 16 concurrent gRPC requests against one, through a real loopback server (``neurotwin serve``'s
     synthesizer service in this process).
+
+Output pruning (``bench/_pruning_bench.py``): a per-neuron twin (one small conv net per neuron, built and
+ONNX-exported here, >= 50 neurons) costs per gradient step for one target neuron: converted whole, and
+pruned to that neuron (``load_differentiable_twin(..., outputs=[k])``), each against the bundled twin.
 
 LUCENT: torch-lucent 0.1.8 depends on torchvision and kornia<=0.4.1; PyPI's torchvision does not
 load with this CPU torch, and installing torch-lucent with dependencies would pull a CUDA torch. So:
@@ -488,7 +493,31 @@ def markdown(report: dict[str, Any]) -> str:
             f"one request {c['one_seconds']:.2f} s; {c['requests']} concurrent requests "
             f"{c['sixteen_seconds']:.2f} s ({c['ratio']:.2f}x the time of one).",
         ]
+    if report.get("pruning"):
+        lines += _pruning_bench().markdown_lines(report["pruning"], report["device"])
     return "\n".join(lines) + "\n"
+
+
+def _pruning_bench() -> Any:
+    import _pruning_bench  # bench/ is the script's folder, first on sys.path
+
+    return _pruning_bench
+
+
+def run_pruning(args: argparse.Namespace, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
+    if args.pruning_neurons < 50:
+        raise SystemExit("--pruning-neurons: the target is stated for a per-neuron twin of >= 50 neurons")
+    return _pruning_bench().pruning_section(
+        args.store,
+        args.model,
+        args.generator,
+        device,
+        neurons=args.pruning_neurons,
+        steps=args.pruning_steps or (4 if args.quick else 10),
+        repeats=args.pruning_repeats or (1 if args.quick else 3),
+        images=4,
+        log=log,
+    )
 
 
 def targets(report: dict[str, Any]) -> dict[str, str]:
@@ -507,6 +536,11 @@ def targets(report: dict[str, Any]) -> dict[str, str]:
     if report.get("concurrency"):
         ratio = report["concurrency"]["ratio"]
         out["16 concurrent requests within 2x the time of one"] = f"{ratio:.2f}x ({verdict(ratio <= 2)})"
+    if report.get("pruning"):
+        ratio = report["pruning"]["pruned_over_bundled"]
+        nets = report["pruning"]["neurons"]
+        goal = f"per-neuron twin ({nets} nets) pruned to one neuron, <= 1.5x the bundled twin per step"
+        out[goal] = f"{ratio:.2f}x ({verdict(ratio <= 1.5)})"
     if report.get("naive") and report["device"].startswith("cuda"):
         speedup = report["naive"]["speedup"]
         out["GPU: at least 2x faster than the naive eager loop"] = f"{speedup:.2f}x ({verdict(speedup >= 2)})"
@@ -537,6 +571,15 @@ def main(argv: list[str] | None = None) -> int:
         "calling thread slowed steps down 25x in our runs)",
     )
     parser.add_argument("--skip-timing", action="store_true", help="no naive-loop or concurrency runs")
+    parser.add_argument("--skip-pruning", action="store_true", help="no output-pruning section")
+    parser.add_argument(
+        "--only-pruning",
+        action="store_true",
+        help="only the output-pruning section (needs no natural images); prints its table",
+    )
+    parser.add_argument("--pruning-neurons", type=int, default=89, help="nets in the per-neuron twin (>= 50)")
+    parser.add_argument("--pruning-steps", type=int, default=0, help="timed steps (default 10, --quick 4)")
+    parser.add_argument("--pruning-repeats", type=int, default=0, help="median of (default 3, --quick 1)")
     parser.add_argument(
         "--budget-factor",
         type=float,
@@ -572,6 +615,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+
+    if args.only_pruning:
+        pruning = run_pruning(args, device, log)
+        ratio = pruning["pruned_over_bundled"]
+        print("\n".join(_pruning_bench().markdown_lines(pruning, str(device))))
+        print(f"\nTarget: pruned per-neuron twin <= 1.5x the bundled twin per step: {ratio:.2f}x")
+        if args.json:
+            args.json.write_text(json.dumps({"machine": machine(), "pruning": pruning}, indent=1) + "\n")
+        return 0
 
     twin, card, gen, pixels = load_models(args.store, args.model, args.generator, device)
     size = (card.input.height, card.input.width)
@@ -649,6 +701,9 @@ def main(argv: list[str] | None = None) -> int:
         report["concurrency"] = concurrency(
             args.store, args.model, args.generator, str(device), list(range(16)), steps, log
         )
+        save()
+    if not args.skip_pruning:
+        report["pruning"] = run_pruning(args, device, log)
         save()
     print(markdown(report))
     return 0

@@ -202,6 +202,21 @@ def test_gradients_through_a_pruned_twin_equal_the_full_twins(stored: dict, name
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", list(TWINS))
+def test_pruned_twins_on_the_gpu(stored: dict, name: str) -> None:
+    version, model = stored[name]
+    module, _ = load_differentiable_twin(version, "cuda", outputs=[4, 0])
+    images = torch.from_numpy(_images(3))
+    with torch.no_grad():
+        got = module(images.float().cuda()).cpu().numpy()
+    # TF32 convolutions on the GPU: a looser bound than on the CPU.
+    np.testing.assert_allclose(got, _onnx_runtime(model, images.numpy())[:, [4, 0]], atol=2e-2, rtol=2e-2)
+    chw = torch.rand(2, 3, SIZE, SIZE, device="cuda", requires_grad=True)
+    module.forward_chw01(chw)[:, 0].sum().backward()
+    assert chw.grad is not None and torch.isfinite(chw.grad).all()
+
+
 @pytest.mark.parametrize(
     ("outputs", "message"),
     [([], "at least one"), ([2, 2, 3], "more than once"), ([9], "out of range"), ([-1], "out of range")],

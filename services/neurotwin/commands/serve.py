@@ -19,7 +19,7 @@ from types import ModuleType
 from neurotwin.errors import InvalidInput
 from neurotwin.server.config import ServerSettings, load_settings, read_config_file
 
-HELP = "run the gRPC services"
+HELP = "run the gRPC services (and the HTTP/REST API with --http-port)"
 SERVICES = {
     "predictor": "neurotwin.server.predictor",
     "synthesizer": "neurotwin.server.synthesizer",
@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     server.start()
     print(
         f"neurotwin: serving {', '.join(args.services)} on {server.settings.host}:{server.port}"
+        + (f", HTTP on :{server.http_port}" if server.http_port is not None else "")
         + (f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""),
         flush=True,
     )

@@ -1,5 +1,6 @@
-"""Plumbing every neurotwin gRPC server shares: TLS, bearer-token auth, health, reflection,
-Prometheus metrics, error translation and graceful drain.
+"""Plumbing every neurotwin gRPC server shares: TLS, bearer-token auth, health, reflection (v1 and
+v1alpha), Prometheus metrics, error translation and graceful drain, and the optional HTTP listener
+(``server.http``) that shares all of these.
 
 Servicers stay thin: they raise ``neurotwin.errors`` exceptions and this layer turns them into the
 right status code, counts them, and refuses new calls while the process drains.
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,7 +25,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from neurotwin import __version__
 from neurotwin.errors import InvalidInput, NeurotwinError
+from neurotwin.server import reflection_v1
 from neurotwin.server.config import ServerSettings
+
+if TYPE_CHECKING:
+    from neurotwin.server.http import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +218,11 @@ class GrpcServer:
         self.metrics = ServerMetrics()
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._tokens = settings.tokens()
-        self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        self._service_names: list[str] = [
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+            reflection_v1.SERVICE_NAME,
+        ]
         self._health_names: list[str] = []
         self._stop_hooks: list[Callable[[], None]] = []
         self._draining = threading.Event()
@@ -225,6 +234,13 @@ class GrpcServer:
         self.port: int = 0
         self.metrics_port: int | None = None
         self.health_port: int | None = None
+        self.http_port: int | None = None
+        # HTTP/REST listener; services add their routes to it when it exists (http_port >= 0).
+        self.http: HttpServer | None = None
+        if settings.http_port >= 0:
+            from neurotwin.server.http import HttpServer
+
+            self.http = HttpServer(self)
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -302,6 +318,7 @@ class GrpcServer:
     def start(self) -> None:
         s = self.settings
         reflection.enable_server_reflection(self._service_names, self._grpc)
+        reflection_v1.enable(self._service_names, self._grpc)
         address = f"{s.host}:{s.port}"
         credentials = self._credentials()
         try:
@@ -320,17 +337,21 @@ class GrpcServer:
             self.metrics_port = self._metrics_http.server_port
         if s.health_port >= 0:
             self._start_health_listener()
+        if self.http is not None:
+            self.http.start()
+            self.http_port = self.http.port
         self._grpc.start()
         self.set_serving("", True)
         for name in self._health_names:
             self.set_serving(name, True)
         log.info(
-            "serving %s on %s:%d (%s, auth %s), metrics on %s",
+            "serving %s on %s:%d (%s, auth %s), HTTP on %s, metrics on %s",
             ", ".join(self._health_names),
             s.host,
             self.port,
             "TLS" if credentials else "plaintext",
             "on" if self._tokens else "off",
+            self.http_port if self.http_port is not None else "off",
             self.metrics_port if self.metrics_port is not None else "off",
         )
 
@@ -374,6 +395,8 @@ class GrpcServer:
             # A handler that has returned may not have written its response yet: grpc's own grace lets
             # those writes finish (stop(0) would cancel them); it ends as soon as they are done.
             flush = max(deadline - time.monotonic(), _FLUSH_SECONDS) if grace > 0 else 0.0
+        if self.http is not None:
+            self.http.stop(max(flush, _FLUSH_SECONDS))
         self._grpc.stop(flush).wait()
         if self._health_grpc is not None:
             self._health_grpc.stop(0).wait()

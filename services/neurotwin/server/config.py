@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 @dataclass
 class ServerSettings:
-    """Settings every neurotwin gRPC server shares."""
+    """Settings every neurotwin server shares (gRPC, and HTTP when http_port is set)."""
 
     host: str = "127.0.0.1"
     port: int = 8001
@@ -34,6 +34,10 @@ class ServerSettings:
     # TLS, such as the kubelet's native gRPC probes; -1 turns it off, 0 picks a free port.
     health_port: int = -1
     health_host: str = ""
+    # HTTP/REST (the Open Inference Protocol under /v2) beside gRPC, with the same TLS, tokens and
+    # drain; -1 turns it off, 0 picks a free port. Triton's convention is 8000.
+    http_port: int = -1
+    http_host: str = ""
     tls_cert: str = ""
     tls_key: str = ""
     # With a client CA, clients must present a certificate it signed (mutual TLS).

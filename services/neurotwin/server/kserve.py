@@ -1,67 +1,98 @@
-"""KServe v2 / Open Inference Protocol servicer (``inference.GRPCInferenceService``) over the same
-model manager as FiringRatePredictor, so standard clients (tritonclient, kserve) work unchanged.
+"""KServe v2 / Open Inference Protocol servicer (``inference.GRPCInferenceService``) with the Triton
+extensions tritonclient calls, over the same model manager and batchers as FiringRatePredictor.
 
-A predictor appears as a model with one input (card input name, ``UINT8 [-1, H, W, 3]``) and one
-output (card output name, ``FP32 [-1, neurons]``). As an extension the input may also be ``BYTES
-[N]``: N encoded PNG/JPEG images. Inputs are read from ``raw_input_contents`` or typed contents;
-outputs always go in ``raw_output_contents``, which is where tritonclient reads them.
+Only translation lives here: protobuf messages to and from ``neurotwin.engines.inference``, which
+the HTTP/REST routes share. Inputs are read from ``raw_input_contents`` or typed contents; outputs
+always go in ``raw_output_contents``, which is where tritonclient reads them.
 """
 
 from __future__ import annotations
 
-import struct
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-import numpy as np
+from google.protobuf import json_format
 
-from neurotwin import __version__
-from neurotwin.engines.model_manager import LoadedVersion, ModelManager
+from neurotwin.engines.inference import InferenceDataPlane, InferRequest
+from neurotwin.engines.oip_tensors import InputTensor, check_shape
 from neurotwin.errors import InvalidInput, NeurotwinError
-from neurotwin.imagecodec import decode_image
 from neurotwin.kserve import grpc_service_pb2 as pb
 from neurotwin.kserve import grpc_service_pb2_grpc as pb_grpc
+from neurotwin.kserve import model_config_pb2 as config_pb
 from neurotwin.server.common import GrpcServer, deadline_from
-from neurotwin.server.predictor import CallMetrics, PredictorMetrics, Settings, check_image_count
+from neurotwin.server.predictor import ALL_MODELS, CallMetrics, PredictorMetrics, _CancelSlot
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
-PLATFORM = "onnxruntime_onnx"
+# Which typed-contents field carries each datatype (the specification's table).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
 
 
-def parse_version(text: str) -> int | None:
-    if not text:
-        return None
-    try:
-        version = int(text)
-    except ValueError:
-        raise InvalidInput(f"model version {text!r}: expected an integer") from None
-    if version < 1:
-        raise InvalidInput(f"model version {text!r}: versions start at 1")
-    return version
+def _parameters(parameters: Any) -> dict[str, Any]:
+    """A protobuf parameter map (InferParameter or ModelRepositoryParameter) as plain values."""
+    values: dict[str, Any] = {}
+    for key, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        values[key] = getattr(parameter, choice) if choice else None
+    return values
 
 
-def split_bytes_tensor(raw: bytes, what: str) -> list[bytes]:
-    """A raw BYTES tensor: each element is a 4-byte little-endian length followed by its bytes."""
-    elements: list[bytes] = []
-    offset = 0
-    while offset < len(raw):
-        if offset + 4 > len(raw):
-            raise InvalidInput(f"{what}: truncated BYTES element length at byte {offset}")
-        (length,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if offset + length > len(raw):
-            raise InvalidInput(f"{what}: BYTES element of {length} bytes overruns the tensor")
-        elements.append(raw[offset : offset + length])
-        offset += length
-    return elements
+def _single_repository(name: str) -> None:
+    if name:
+        raise InvalidInput(f"repository {name!r}: this server has one model repository; leave the name empty")
+
+
+def to_infer_request(request: pb.ModelInferRequest) -> InferRequest:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} input(s)")
+    inputs = []
+    for i, tensor in enumerate(request.inputs):
+        what = f"input {tensor.name!r}"
+        typed = tensor.HasField("contents")
+        if raw and typed:
+            raise InvalidInput(f"{what} has both raw_input_contents and typed contents")
+        field = _CONTENTS_FIELD.get(tensor.datatype)
+        values = getattr(tensor.contents, field) if field and not raw else None
+        inputs.append(
+            InputTensor(
+                name=tensor.name,
+                datatype=tensor.datatype,
+                shape=check_shape(list(tensor.shape), what),
+                raw=raw[i] if raw else None,
+                values=values,
+                parameters=_parameters(tensor.parameters),
+            )
+        )
+    return InferRequest(
+        model_name=request.model_name,
+        model_version=request.model_version,
+        id=request.id,
+        inputs=inputs,
+        outputs=[o.name for o in request.outputs],
+        parameters=_parameters(request.parameters),
+    )
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(
-        self, manager: ModelManager, settings: Settings, metrics: PredictorMetrics, server: GrpcServer
-    ) -> None:
-        self.manager = manager
-        self.settings = settings
+    def __init__(self, plane: InferenceDataPlane, metrics: PredictorMetrics, server: GrpcServer) -> None:
+        self.plane = plane
         self.metrics = metrics
         self.server = server
 
@@ -73,151 +104,111 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.ServicerContext
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.manager.ready and not self.server.draining)
+        return pb.ServerReadyResponse(ready=self.plane.ready() and not self.server.draining)
 
     def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.ServicerContext
     ) -> pb.ModelReadyResponse:
-        version = parse_version(request.version)
-        try:
-            self.manager.get(request.name, version)
-        except NeurotwinError:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version))
 
     def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="neurotwin", version=__version__, extensions=[])
+        return json_format.ParseDict(self.plane.server_metadata(), pb.ServerMetadataResponse())
 
     def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
     ) -> pb.ModelMetadataResponse:
         with CallMetrics(self.metrics, request.name, "ModelMetadata"):
-            loaded = self.manager.get(request.name, parse_version(request.version))
-            card = loaded.card
-            ready = [
-                str(i.version) for i in self.manager.status().get(loaded.name, []) if i.state.value == "READY"
-            ]
-            tensor = pb.ModelMetadataResponse.TensorMetadata
-            return pb.ModelMetadataResponse(
-                name=loaded.name,
-                versions=ready or [str(loaded.version)],
-                platform=PLATFORM,
-                inputs=[
-                    tensor(
-                        name=card.input.name,
-                        datatype="UINT8",
-                        shape=[-1, card.input.height, card.input.width, card.input.channels],
-                    )
-                ],
-                outputs=[tensor(name=card.output.name, datatype="FP32", shape=[-1, card.neuron_count])],
-            )
+            metadata = self.plane.model_metadata(request.name, request.version)
+            return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
+
+    def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        with CallMetrics(self.metrics, request.name, "ModelConfig"):
+            config = self.plane.model_config(request.name, request.version)
+            return pb.ModelConfigResponse(config=json_format.ParseDict(config, config_pb.ModelConfig()))
+
+    def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        with CallMetrics(self.metrics, request.name or ALL_MODELS, "ModelStatistics"):
+            stats = self.plane.model_statistics(request.name, request.version)
+            return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
+
+    def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        with CallMetrics(self.metrics, ALL_MODELS, "RepositoryIndex"):
+            _single_repository(request.repository_name)
+            rows = self.plane.repository_index(request.ready)
+            return json_format.ParseDict({"models": rows}, pb.RepositoryIndexResponse())
+
+    def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        with CallMetrics(self.metrics, request.model_name, "RepositoryModelLoad"):
+            _single_repository(request.repository_name)
+            self.plane.load(request.model_name, _parameters(request.parameters))
+            return pb.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        with CallMetrics(self.metrics, request.model_name, "RepositoryModelUnload"):
+            _single_repository(request.repository_name)
+            self.plane.unload(request.model_name, _parameters(request.parameters))
+            return pb.RepositoryModelUnloadResponse()
+
+    def _infer(
+        self,
+        request: pb.ModelInferRequest,
+        deadline: float | None,
+        on_cancel: Callable[[Callable[[], None]], Any] | None,
+    ) -> pb.ModelInferResponse:
+        result = self.plane.infer(to_infer_request(request), deadline, on_cancel)
+        tensor = pb.ModelInferResponse.InferOutputTensor
+        return pb.ModelInferResponse(
+            model_name=result.model_name,
+            model_version=result.model_version,
+            id=result.id,
+            outputs=[tensor(name=o.name, datatype=o.datatype, shape=o.shape) for o in result.outputs],
+            raw_output_contents=[o.raw() for o in result.outputs],
+        )
 
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
         with CallMetrics(self.metrics, request.model_name, "ModelInfer"):
-            loaded = self.manager.acquire(request.model_name, parse_version(request.model_version))
+            return self._infer(request, deadline_from(context), context.add_callback)
+
+    def ModelStreamInfer(
+        self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelStreamInferResponse]:
+        slot = _CancelSlot(context)
+        deadline = deadline_from(context)
+        # One response per request, in arrival order; a failed request answers with its error and
+        # the stream goes on, as in Triton.
+        for request in request_iterator:
             try:
-                self._check_outputs(request, loaded)
-                images = self._images(request, loaded)
-                rates = loaded.predict(images, deadline_from(context), context.add_callback)
-            finally:
-                loaded.exit()
-            output = pb.ModelInferResponse.InferOutputTensor(
-                name=loaded.card.output.name, datatype="FP32", shape=list(rates.shape)
-            )
-            return pb.ModelInferResponse(
-                model_name=loaded.name,
-                model_version=str(loaded.version),
-                id=request.id,
-                outputs=[output],
-                raw_output_contents=[np.ascontiguousarray(rates, dtype="<f4").tobytes()],
-            )
-
-    def _check_outputs(self, request: pb.ModelInferRequest, loaded: LoadedVersion) -> None:
-        for output in request.outputs:
-            if output.name != loaded.card.output.name:
-                raise InvalidInput(
-                    f"unknown output {output.name!r}; model {loaded.name} has one output "
-                    f"{loaded.card.output.name!r}"
+                with CallMetrics(self.metrics, request.model_name, "ModelStreamInfer"):
+                    response = self._infer(request, deadline, slot.register)
+                yield pb.ModelStreamInferResponse(infer_response=response)
+            except Exception as exc:
+                if isinstance(exc, NeurotwinError):
+                    message = str(exc)
+                else:
+                    log.exception("ModelStreamInfer request %r failed", request.id)
+                    message = "internal error"
+                echo = pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
                 )
-
-    def _images(self, request: pb.ModelInferRequest, loaded: LoadedVersion) -> np.ndarray:
-        card = loaded.card
-        if len(request.inputs) != 1:
-            raise InvalidInput(
-                f"expected 1 input ({card.input.name!r}), got {len(request.inputs)}: "
-                f"{[i.name for i in request.inputs]}"
-            )
-        tensor = request.inputs[0]
-        if tensor.name != card.input.name:
-            raise InvalidInput(
-                f"unknown input {tensor.name!r}; model {loaded.name} takes {card.input.name!r}"
-            )
-        raw: bytes | None = None
-        if request.raw_input_contents:
-            if len(request.raw_input_contents) != 1:
-                raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for 1 input")
-            if tensor.HasField("contents"):
-                raise InvalidInput("input has both raw_input_contents and typed contents")
-            raw = request.raw_input_contents[0]
-        shape = list(tensor.shape)
-        what = f"input {tensor.name!r}"
-        if tensor.datatype == "UINT8":
-            return self._pixels(tensor, raw, shape, what, loaded)
-        if tensor.datatype == "BYTES":
-            return self._encoded(tensor, raw, shape, what, loaded)
-        raise InvalidInput(
-            f"{what}: datatype {tensor.datatype!r} not supported; send UINT8 [N, H, W, 3] pixels "
-            "or BYTES [N] encoded PNG/JPEG images"
-        )
-
-    def _pixels(
-        self, tensor: Any, raw: bytes | None, shape: list[int], what: str, loaded: LoadedVersion
-    ) -> np.ndarray:
-        if len(shape) != 4 or min(shape, default=0) < 0:
-            raise InvalidInput(f"{what}: shape {shape}, expected [N, height, width, channels]")
-        check_image_count(shape[0], self.settings.max_images_per_request)
-        size = int(np.prod(shape))
-        if raw is not None:
-            data = np.frombuffer(raw, dtype=np.uint8)
-        else:
-            values = tensor.contents.uint_contents
-            if values and max(values) > 255:
-                raise InvalidInput(f"{what}: UINT8 values above 255 in uint_contents")
-            data = np.asarray(values, dtype=np.uint8)
-        if data.size != size:
-            raise InvalidInput(f"{what}: {data.size} bytes of data for shape {shape} ({size} needed)")
-        return loaded.session.check(data.reshape(shape), what)
-
-    def _encoded(
-        self, tensor: Any, raw: bytes | None, shape: list[int], what: str, loaded: LoadedVersion
-    ) -> np.ndarray:
-        elements = split_bytes_tensor(raw, what) if raw is not None else list(tensor.contents.bytes_contents)
-        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] != len(elements):
-            raise InvalidInput(
-                f"{what}: BYTES shape {shape} for {len(elements)} elements; expected [N] or [N, 1]"
-            )
-        check_image_count(len(elements), self.settings.max_images_per_request)
-        spec = loaded.card.input
-        limit = min(self.settings.max_decoded_pixels, spec.height * spec.width)
-        images = [
-            decode_image(data, max_pixels=limit, what=f"{what} element {i}")
-            for i, data in enumerate(elements)
-        ]
-        for i, image in enumerate(images):
-            if image.shape != (spec.height, spec.width, spec.channels):
-                raise InvalidInput(
-                    f"{what} element {i}: {image.shape[0]} x {image.shape[1]} pixels; model {loaded.name} "
-                    f"v{loaded.version} expects {spec.height} x {spec.width}"
-                )
-        return np.stack(images)
+                yield pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
 
 
-def attach(server: GrpcServer, manager: ModelManager, settings: Settings, metrics: PredictorMetrics) -> None:
-    servicer = KServeServicer(manager, settings, metrics, server)
+def attach(server: GrpcServer, plane: InferenceDataPlane, metrics: PredictorMetrics) -> None:
+    servicer = KServeServicer(plane, metrics, server)
     server.add_service(
         lambda grpc_server: pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server),
         [SERVICE_NAME],

@@ -21,12 +21,14 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from neurotwin.engines.batcher import BatcherSettings
+from neurotwin.engines.inference import InferenceDataPlane, RequestLimits, check_image_count
 from neurotwin.engines.model_manager import LoadedVersion, ManagerSettings, ModelManager, VersionState
+from neurotwin.engines.statistics import InferenceStatistics, VersionStatistics
 from neurotwin.errors import InvalidInput, NeurotwinError
 from neurotwin.imagecodec import DEFAULT_MAX_PIXELS, decode_image
 from neurotwin.runtimes.onnx_session import SessionSettings
 from neurotwin.server.common import LATENCY_BUCKETS, GrpcServer, deadline_from
-from neurotwin.store import VersionPolicy
+from neurotwin.store import ModelStore, VersionPolicy
 from neurotwin.v1 import predictor_pb2 as pb
 from neurotwin.v1 import predictor_pb2_grpc as pb_grpc
 
@@ -71,8 +73,13 @@ class Settings:
     # before decoding).
     max_images_per_request: int = 256
     max_decoded_pixels: int = DEFAULT_MAX_PIXELS
-    # Also serve the KServe v2 / Open Inference Protocol API on the same port.
+    # Also serve the KServe v2 / Open Inference Protocol API on the same port (and over HTTP/REST
+    # when the server has an HTTP port).
     kserve: bool = True
+    # "poll": serve what the store holds (hot reload every poll_seconds; 0 turns that off).
+    # "explicit": Triton's explicit model control: clients with a bearer token load and unload
+    # models over the repository API; the store is read only then (no polling).
+    model_control: str = "poll"
 
     def manager_settings(self) -> ManagerSettings:
         return ManagerSettings(
@@ -88,7 +95,7 @@ class Settings:
                 allow_spinning=self.spin_threads,
                 device=self.device,
             ),
-            poll_seconds=self.poll_seconds,
+            poll_seconds=0.0 if self.model_control == "explicit" else self.poll_seconds,
         )
 
 
@@ -105,6 +112,7 @@ FLAG_HELP = {
     "max_images_per_request": "most images in one request (default 256)",
     "max_decoded_pixels": "most pixels one image may decode to (default 16M)",
     "kserve": "also serve the KServe v2 inference API (default true)",
+    "model_control": "poll (follow the store) or explicit (clients load/unload models; needs tokens)",
 }
 
 
@@ -115,6 +123,8 @@ class PredictorMetrics:
         self, registry: CollectorRegistry, manager_knows: Callable[[str], bool] | None = None
     ) -> None:
         self.knows = manager_knows or (lambda name: True)
+        # Triton-style per-version statistics (the OIP statistics extension), fed by the same hooks.
+        self.statistics = InferenceStatistics()
         self.children: dict[tuple[str, str], _CallChildren] = {}
         self.requests = Counter(
             "neurotwin_predictor_requests",
@@ -191,7 +201,7 @@ class PredictorMetrics:
 
     # ManagerObserver
     def batch_observer(self, model: str, version: int) -> _BatchMetrics:
-        return _BatchMetrics(self, model)
+        return _BatchMetrics(self, model, self.statistics.loaded(model, version))
 
     def load_failed(self, model: str, version: int, message: str) -> None:
         self.load_failures.labels(model).inc()
@@ -203,7 +213,8 @@ class PredictorMetrics:
 class _BatchMetrics:
     """Batcher hooks bound to one model's metric children (label lookups done once)."""
 
-    def __init__(self, metrics: PredictorMetrics, model: str) -> None:
+    def __init__(self, metrics: PredictorMetrics, model: str, stats: VersionStatistics) -> None:
+        self._stats = stats
         self._queue = metrics.queue_seconds.labels(model)
         self._compute = metrics.compute_seconds.labels(model)
         self._batch = metrics.batch_size.labels(model)
@@ -213,8 +224,10 @@ class _BatchMetrics:
 
     def queued(self, seconds: float) -> None:
         self._queue.observe(seconds)
+        self._stats.queued(seconds)
 
     def computed(self, seconds: float, images: int, requests: int) -> None:
+        self._stats.computed(seconds, images, requests)
         self._compute.observe(seconds)
         self._batch.observe(images)
         self._requests.observe(requests)
@@ -281,13 +294,6 @@ class CallMetrics:
 def _expected(loaded: LoadedVersion) -> str:
     spec = loaded.card.input
     return f"model {loaded.name} v{loaded.version} expects {spec.height} x {spec.width} x {spec.channels}"
-
-
-def check_image_count(count: int, limit: int) -> None:
-    if count == 0:
-        raise InvalidInput("no images in the request")
-    if count > limit:
-        raise InvalidInput(f"{count} images in one request exceeds the limit of {limit}")
 
 
 def decode_images(
@@ -419,16 +425,22 @@ class PredictorServicer(pb_grpc.FiringRatePredictorServicer):
         if not request.model:
             raise InvalidInput("model name is required")
         loaded = self.manager.acquire(request.model, request.version or None)
+        timing = self.metrics.statistics.version(loaded.name, loaded.version).start()
+        ok = False
         try:
             columns, ids = neuron_columns(request.neurons, loaded)
             images = decode_images(
                 request.images, loaded, self.settings.max_images_per_request, self.settings.max_decoded_pixels
             )
+            timing.inputs_ready()
             rates = loaded.predict(images, deadline_from(context), on_cancel)
+            timing.outputs_started()
+            if columns is not None:
+                rates = rates[:, columns]
+            ok = True
         finally:
             loaded.exit()
-        if columns is not None:
-            rates = rates[:, columns]
+            timing.finish(ok)
         return pb.PredictResponse(
             model=loaded.name,
             version=loaded.version,
@@ -488,6 +500,13 @@ def attach(server: GrpcServer, settings: Settings) -> ModelManager:
 
     Returns the model manager, for embedding code and tests.
     """
+    if settings.model_control not in ("poll", "explicit"):
+        raise InvalidInput(f"model_control {settings.model_control!r}: expected 'poll' or 'explicit'")
+    if settings.model_control == "explicit" and not server.settings.tokens():
+        raise InvalidInput(
+            "model_control 'explicit' lets clients load and unload models: set auth tokens "
+            "(--auth-tokens or --auth-token-file) so that only holders of a token can"
+        )
     metrics = PredictorMetrics(server.metrics.registry)
     manager = ModelManager(settings.model_store, settings.manager_settings(), observer=metrics)
     metrics.knows = manager.knows
@@ -504,7 +523,17 @@ def attach(server: GrpcServer, settings: Settings) -> ModelManager:
         on_stop=manager.stop,
     )
     if settings.kserve:
-        from neurotwin.server import kserve
+        from neurotwin.server import kserve, oip_http
 
-        kserve.attach(server, manager, settings, metrics)
+        plane = InferenceDataPlane(
+            manager,
+            ModelStore(settings.model_store),
+            settings.manager_settings(),
+            metrics.statistics,
+            RequestLimits(settings.max_images_per_request, settings.max_decoded_pixels),
+            model_control=settings.model_control == "explicit",
+        )
+        kserve.attach(server, plane, metrics)
+        if server.http is not None:
+            oip_http.attach(server, plane, metrics)
     return manager

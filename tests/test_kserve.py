@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -85,7 +86,43 @@ fp[0].set_data_from_numpy(np.zeros((1, 32, 32, 3), np.float32))
 expect_error("wrong_type", lambda: client.infer("tiny", fp))
 expect_error("wrong_output", lambda: client.infer("tiny", inputs, outputs=[triton.InferRequestedOutput("x")]))
 expect_error("metadata_missing", lambda: client.get_model_metadata("nope"))
+expect_error("config_missing", lambda: client.get_model_config("nope"))
+expect_error("stats_missing", lambda: client.get_inference_statistics("nope"))
+expect_error("load_disabled", lambda: client.load_model("tiny"))
+expect_error("unload_disabled", lambda: client.unload_model("tiny"))
 out["errors"] = errors
+
+config = client.get_model_config("tiny", as_json=True)["config"]
+out["config"] = config
+out["index"] = client.get_model_repository_index(as_json=True)["models"]
+
+# Statistics: deltas over a known sequence of calls (2 good requests of 3 images, 1 refused).
+def stats():
+    (entry,) = client.get_inference_statistics("tiny", "1", as_json=True)["model_stats"]
+    return entry
+before = stats()
+client.infer("tiny", inputs)
+client.infer("tiny", inputs)
+expect_error("counted_failure", lambda: client.infer("tiny", bad))
+out["stats_before"], out["stats_after"] = before, stats()
+out["stats_all"] = client.get_inference_statistics(as_json=True)["model_stats"]
+
+# Streaming: one response per request, in order; a failed request answers in-stream.
+import queue
+answers = queue.Queue()
+client.start_stream(callback=lambda result, error: answers.put((result, error)))
+client.async_stream_infer("tiny", inputs, request_id="s1")
+client.async_stream_infer("nope", inputs, request_id="s2")
+client.async_stream_infer("tiny", inputs, request_id="s3", model_version="1")
+stream = []
+for _ in range(3):
+    result, error = answers.get(timeout=30)
+    if error is not None:
+        stream.append(["error", error.message()])
+    else:
+        stream.append([result.get_response().id, result.as_numpy("rates").tolist()])
+client.stop_stream()
+out["stream"] = stream
 print(json.dumps(out))
 """
 
@@ -133,9 +170,11 @@ def test_tritonclient_against_our_server(
         np.testing.assert_allclose(rates, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.load(tmp_path / "rates_png.npy"), expected[:1], rtol=1e-5, atol=1e-6)
     errors = out["errors"]
-    assert errors["unknown_model"][0] == "StatusCode.NOT_FOUND"
-    assert errors["unknown_version"][0] == "StatusCode.NOT_FOUND"
-    assert errors["metadata_missing"][0] == "StatusCode.NOT_FOUND"
+    for key in ("unknown_model", "unknown_version", "metadata_missing", "config_missing", "stats_missing"):
+        assert errors[key][0] == "StatusCode.NOT_FOUND", (key, errors[key])
+    for key in ("load_disabled", "unload_disabled"):
+        assert errors[key][0] == "StatusCode.FAILED_PRECONDITION", errors[key]
+        assert "model control is off" in errors[key][1]
     for key, text in (("wrong_size", "16 x 16"), ("wrong_type", "FP32"), ("wrong_output", "'x'")):
         assert errors[key][0] == "StatusCode.INVALID_ARGUMENT", errors[key]
         assert text in errors[key][1]
@@ -144,6 +183,64 @@ def test_tritonclient_against_our_server(
         metric_value(text, "neurotwin_predictor_requests_total", model="tiny", method="ModelInfer", code="OK")
         >= 3
     )
+    check_config(out["config"])
+    assert out["index"] == [{"name": "tiny", "version": "1", "state": "READY"}]
+    check_statistics(out["stats_before"], out["stats_after"], images_per_request=3)
+    assert [(s["name"], s["version"]) for s in out["stats_all"]] == [("tiny", "1")]
+    expected_list = expected.tolist()
+    assert out["stream"][0][0] == "s1" and out["stream"][2][0] == "s3"
+    for answer in (out["stream"][0], out["stream"][2]):
+        np.testing.assert_allclose(answer[1], expected_list, rtol=1e-5, atol=1e-6)
+    assert out["stream"][1][0] == "error" and "no model named 'nope'" in out["stream"][1][1]
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Triton's model configuration of the test twin (gRPC JSON has int64s as strings)."""
+    assert config["name"] == "tiny" and config["platform"] == "onnxruntime_onnx"
+    assert config["backend"] == "onnxruntime"
+    assert config["max_batch_size"] == 32
+    assert config["version_policy"] == {"latest": {"num_versions": 1}}
+    (model_input,) = config["input"]
+    assert model_input["name"] == "images" and model_input["data_type"] == "TYPE_UINT8"
+    assert model_input["format"] == "FORMAT_NHWC"
+    assert [int(d) for d in model_input["dims"]] == [32, 32, 3]
+    (model_output,) = config["output"]
+    assert model_output["name"] == "rates" and model_output["data_type"] == "TYPE_FP32"
+    assert [int(d) for d in model_output["dims"]] == [5]
+    batching = config["dynamic_batching"]
+    assert int(batching["max_queue_delay_microseconds"]) == 2000
+    assert int(batching["default_queue_policy"]["max_queue_size"]) == 256
+    assert config["default_model_filename"] == "model.onnx"
+    assert config["parameters"]["neuron_ids"]["string_value"].count(",") == 4
+    assert config["instance_group"][0]["count"] == 1
+
+
+def check_statistics(before: dict[str, Any], after: dict[str, Any], images_per_request: int) -> None:
+    """Two successful requests and one refused after the model was resolved, as Triton counts them."""
+
+    def delta(*keys: str) -> int:
+        def get(entry: dict[str, Any]) -> int:
+            for key in keys:
+                entry = entry.get(key, {})
+            return int(entry or 0)  # type: ignore[arg-type]
+
+        return get(after) - get(before)
+
+    assert (after["name"], after["version"]) == ("tiny", "1")
+    assert delta("inference_stats", "success", "count") == 2
+    assert delta("inference_stats", "fail", "count") == 1
+    for stage in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert delta("inference_stats", stage, "count") == 2, stage
+    for stage in ("success", "fail", "compute_input", "compute_infer"):
+        assert delta("inference_stats", stage, "ns") > 0, stage
+    assert delta("inference_count") == 2 * images_per_request
+    assert delta("execution_count") == 2
+    assert int(after["last_inference"]) >= int(before.get("last_inference", 0))
+    sizes = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in after["batch_stats"]}
+    sizes_before = {
+        int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in before.get("batch_stats", [])
+    }
+    assert sizes[images_per_request] - sizes_before.get(images_per_request, 0) == 2
 
 
 @pytest.fixture
@@ -212,3 +309,109 @@ def test_health_and_metadata(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name="tiny"))
     assert metadata.name == "tiny" and list(metadata.versions) == ["1"]
     assert stub.ServerMetadata(pb.ServerMetadataRequest()).name == "neurotwin"
+
+
+TRITON_DESCRIPTORS = r"""
+import json
+from tritonclient.grpc import model_config_pb2, service_pb2
+
+def walk(message, prefix, out):
+    fields = {}
+    for f in message.fields:
+        kind = f.message_type or f.enum_type
+        fields[f.name] = [f.number, f.type, f.is_repeated, kind.full_name if kind else ""]
+    out[prefix + message.name] = fields
+    for nested in message.nested_types:
+        walk(nested, prefix + message.name + ".", out)
+
+out = {}
+for file in (service_pb2.DESCRIPTOR, model_config_pb2.DESCRIPTOR):
+    for message in file.message_types_by_name.values():
+        walk(message, "", out)
+service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+out["rpc"] = {
+    m.name: [m.input_type.full_name, m.output_type.full_name, m.client_streaming, m.server_streaming]
+    for m in service.methods
+}
+print(json.dumps(out))
+"""
+
+
+def test_proto_matches_triton() -> None:
+    """Every message, field and RPC of our ``inference`` package is Triton's, number and type alike."""
+    from neurotwin.kserve import model_config_pb2
+
+    run = subprocess.run(
+        [sys.executable, "-c", TRITON_DESCRIPTORS], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    triton = json.loads(run.stdout)
+    checked = 0
+
+    def walk(message: Any, prefix: str) -> None:
+        nonlocal checked
+        name = prefix + message.name
+        assert name in triton, f"{name} is not a Triton message"
+        for f in message.fields:
+            kind = f.message_type or f.enum_type
+            ours = [f.number, f.type, f.is_repeated, kind.full_name if kind else ""]
+            assert triton[name].get(f.name) == ours, (name, f.name, ours, triton[name].get(f.name))
+            checked += 1
+        for nested in message.nested_types:
+            walk(nested, name + ".")
+
+    for file in (pb.DESCRIPTOR, model_config_pb2.DESCRIPTOR):
+        for message in file.message_types_by_name.values():
+            walk(message, "")
+    assert checked > 100
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    for method in service.methods:
+        ours = [method.input_type.full_name, method.output_type.full_name]
+        ours += [method.client_streaming, method.server_streaming]
+        assert triton["rpc"][method.name] == ours, method.name
+    assert len(service.methods) == 12
+
+
+def test_reflection_v1_lists_and_describes(served: GrpcServer) -> None:
+    """A grpc.reflection.v1 client (as current grpcurl) lists the services and gets their files."""
+    from google.protobuf import descriptor_pb2
+    from neurotwin.server import reflection_v1
+
+    request_class = reflection_v1.message_class("ServerReflectionRequest")
+    response_class = reflection_v1.message_class("ServerReflectionResponse")
+    with grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+        call = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=response_class.FromString,
+        )
+        asks = [
+            request_class(list_services=""),
+            request_class(file_containing_symbol="inference.GRPCInferenceService"),
+            request_class(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+            request_class(file_containing_symbol="no.such.Service"),
+        ]
+        listing, inference, reflection, missing = list(call(iter(asks), timeout=10))
+    names = {s.name for s in listing.list_services_response.service}
+    assert {
+        "inference.GRPCInferenceService",
+        "neurotwin.v1.FiringRatePredictor",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
+    files = {}
+    for blob in inference.file_descriptor_response.file_descriptor_proto:
+        file = descriptor_pb2.FileDescriptorProto.FromString(blob)
+        files[file.name] = file
+    service = files["neurotwin/kserve/grpc_service.proto"].service[0]
+    assert {"ModelConfig", "ModelStatistics", "RepositoryIndex", "ModelStreamInfer"} <= {
+        m.name for m in service.method
+    }
+    # Its import comes along, so that a client can resolve ModelConfig.
+    assert "neurotwin/kserve/model_config.proto" in files
+    (own,) = reflection.file_descriptor_response.file_descriptor_proto
+    own_file = descriptor_pb2.FileDescriptorProto.FromString(own)
+    assert own_file.package == "grpc.reflection.v1"
+    assert own_file.service[0].method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
+    assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]

@@ -95,6 +95,8 @@ def parse_infer_request(
             tensor.raw = binary[offset : offset + size]
             offset += size
         elif "data" in item:
+            if not isinstance(item["data"], list):
+                raise InvalidInput(f"{what}: 'data' must be a list of values, got {item['data']!r:.40}")
             tensor.values = item["data"]
         else:
             raise InvalidInput(f"{what} has neither 'data' nor a binary_data_size parameter")

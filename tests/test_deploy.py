@@ -27,10 +27,12 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +208,10 @@ def test_dockerfile_entrypoint_is_our_cli(name: str) -> None:
         int(p.split("/")[0]) for v in dockerfile.final.instructions if v[0] == "EXPOSE" for p in v[1].split()
     }
     assert {8001, 8002, 8003} <= exposed
+    if "predictor" in args.services:
+        # Triton's convention: HTTP/REST (the Open Inference Protocol) on 8000, gRPC on 8001.
+        assert args.server_http_port == "8000", f"{name}: the predictor image serves no HTTP on 8000"
+        assert 8000 in exposed
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -454,6 +460,9 @@ def test_overlay_wiring(overlay: str, components: tuple[str, ...]) -> None:
         gpus = container["resources"]["limits"].get("nvidia.com/gpu")
         env = {e["name"]: e.get("value") for e in container["env"]}
         device = env.get(f"NEUROTWIN_{service.upper()}_DEVICE")
+        if service == "predictor":
+            assert ports.get("http") == 8000, f"{name}: no http container port 8000"
+            assert env.get("NEUROTWIN_SERVER_HTTP_PORT") == "8000", f"{name}: HTTP/REST is not turned on"
         if overlay == "gpu" and service in ("predictor", "synthesizer"):
             assert gpus == 1, f"{name}: expected one GPU on the gpu overlay"
             assert device == "cuda", f"{name}: a GPU pod should refuse to fall back to the CPU"
@@ -799,6 +808,26 @@ def _skip_unless_runnable(docs: tuple[dict[str, Any], ...], name: str) -> None:
         pytest.skip(f"{SERVICES[service]} does not exist yet")
 
 
+def _check_http(pod: LocalPod, tls: TlsFiles) -> None:
+    """The HTTP/REST port speaks TLS with the mounted certificate (and wants a client certificate
+    under mTLS); /v2/health/* is open like grpc.health.v1, everything else needs the token."""
+    context = ssl.create_default_context(cafile=str(tls.ca_cert))
+    if pod.client_ca:
+        context.load_cert_chain(str(tls.client_cert), str(tls.client_key))
+
+    def status(path: str, headers: dict[str, str] | None = None) -> int:
+        request = urllib.request.Request(f"https://localhost:{pod.port('http')}{path}", headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert status("/v2/health/ready") == 200
+    assert status("/v2/models/tiny/ready") == 401
+    assert status("/v2/models/tiny/ready", {"Authorization": f"Bearer {TOKEN}"}) == 200
+
+
 START_CASES = [(overlay, (), name) for overlay in OVERLAYS for name in DEPLOYMENTS]
 START_CASES.append(("cpu", ("mtls",), "neurotwin-predictor"))
 
@@ -850,6 +879,8 @@ def test_rendered_container_starts_and_serves(
                 iter([ask]), timeout=5, metadata=[("authorization", f"Bearer {TOKEN}")]
             )
             assert service in {s.name for s in reply.list_services_response.service}
+        if any(p["name"] == "http" for p in container["ports"]):
+            _check_http(pod, tls)
     finally:
         code = _stop(pod)
     assert code == 0, f"{name} did not drain cleanly on SIGTERM (exit {code}):\n{pod.log_tail()}"

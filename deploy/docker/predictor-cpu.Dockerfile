@@ -39,7 +39,9 @@ ENV PATH=/opt/neurotwin/bin:${PATH} \
     NEUROTWIN_MODEL_STORE=/models
 USER 10001:10001
 WORKDIR /tmp
-# gRPC, Prometheus metrics, plaintext health (for kubelet probes, which cannot speak TLS).
-EXPOSE 8001 8002 8003
+# HTTP/REST (Open Inference Protocol, Triton's port), gRPC, Prometheus metrics, plaintext health
+# (for kubelet probes, which cannot speak TLS).
+EXPOSE 8000 8001 8002 8003
 ENTRYPOINT ["neurotwin", "serve"]
-CMD ["predictor", "--host", "0.0.0.0", "--port", "8001", "--metrics-port", "8002", "--model-store", "/models"]
+CMD ["predictor", "--host", "0.0.0.0", "--port", "8001", "--http-port", "8000", "--metrics-port", "8002", \
+     "--model-store", "/models"]

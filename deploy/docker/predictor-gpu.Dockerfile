@@ -51,6 +51,8 @@ ENV PATH=/opt/neurotwin/bin:${PATH} \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8001 8002 8003
+# HTTP/REST (Open Inference Protocol, Triton's port), gRPC, Prometheus metrics, plaintext health.
+EXPOSE 8000 8001 8002 8003
 ENTRYPOINT ["neurotwin", "serve"]
-CMD ["predictor", "--host", "0.0.0.0", "--port", "8001", "--metrics-port", "8002", "--model-store", "/models"]
+CMD ["predictor", "--host", "0.0.0.0", "--port", "8001", "--http-port", "8000", "--metrics-port", "8002", \
+     "--model-store", "/models"]

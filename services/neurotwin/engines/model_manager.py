@@ -25,7 +25,7 @@ import numpy as np
 
 from neurotwin.card import PredictorCard
 from neurotwin.engines.batcher import Batcher, BatcherSettings, BatchObserver
-from neurotwin.errors import NeurotwinError, NotFound, Unavailable
+from neurotwin.errors import ModelStoreError, NeurotwinError, NotFound, Unavailable
 from neurotwin.runtimes.onnx_session import PredictorSession, SessionSettings
 from neurotwin.store import PREDICTORS, ModelStore, ModelVersion, VersionPolicy, validate_predictor
 
@@ -159,6 +159,8 @@ class ModelManager:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._retirees: list[threading.Thread] = []
+        # Explicit model control: the models to serve, or None for every model in the store.
+        self._selected: set[str] | None = None
         self.ready = False
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -268,8 +270,37 @@ class ModelManager:
         """Bring the loaded versions in line with the store and the policy (one pass)."""
         with self._refresh_lock:
             on_disk = set(self.store.names(PREDICTORS))
+            if self._selected is not None:
+                on_disk &= self._selected
             for name in sorted(on_disk | set(self._served) | set(self._status)):
                 self._refresh_model(name, on_disk)
+
+    def load_model(self, name: str) -> None:
+        """Serve ``name`` (again): the versions the policy selects now (explicit model control).
+
+        New versions are loaded and versions gone from the store retired, as a poll would; a model
+        none of whose versions loads raises ModelStoreError with the reasons.
+        """
+        if name not in self.store.names(PREDICTORS):
+            raise NotFound(f"no model named {name!r} in the model store {self.store.root}")
+        with self._refresh_lock:
+            if self._selected is not None:
+                self._selected.add(name)
+            self._refresh_model(name, {name})
+        if name not in self._served:
+            infos = self.status().get(name, [])
+            reasons = "; ".join(f"v{i.version}: {i.message}" for i in infos) or "no versions"
+            raise ModelStoreError(f"model {name!r}: no version could be loaded ({reasons})")
+
+    def unload_model(self, name: str) -> None:
+        """Stop serving ``name`` until ``load_model``; in-flight requests finish first."""
+        with self._refresh_lock:
+            if not self.knows(name):
+                raise NotFound(f"model {name!r} is not loaded (models: {self.names()})")
+            if self._selected is None:
+                self._selected = set(self.store.names(PREDICTORS))
+            self._selected.discard(name)
+            self._refresh_model(name, set())
 
     def _refresh_model(self, name: str, on_disk: set[str]) -> None:
         try:

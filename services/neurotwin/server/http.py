@@ -229,6 +229,8 @@ class HttpServer:
                 tls.update(ssl_ca_certs=s.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
         config = uvicorn.Config(
             _Gate(app, self),
+            # Leave logging to the process (the CLI configures it); uvicorn's records propagate.
+            log_config=None,
             log_level="warning",
             access_log=False,
             lifespan="off",

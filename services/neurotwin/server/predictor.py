@@ -523,7 +523,7 @@ def attach(server: GrpcServer, settings: Settings) -> ModelManager:
         on_stop=manager.stop,
     )
     if settings.kserve:
-        from neurotwin.server import kserve, oip_http
+        from neurotwin.server import kserve
 
         plane = InferenceDataPlane(
             manager,
@@ -535,5 +535,7 @@ def attach(server: GrpcServer, settings: Settings) -> ModelManager:
         )
         kserve.attach(server, plane, metrics)
         if server.http is not None:
+            from neurotwin.server import oip_http
+
             oip_http.attach(server, plane, metrics)
     return manager

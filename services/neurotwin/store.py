@@ -24,6 +24,13 @@ KINDS = (PREDICTORS, GENERATORS)
 MODEL_FILES = {PREDICTORS: "model.onnx", GENERATORS: "weights.pt"}
 CARD_FILE = "card.json"
 MIN_OPSET = 17
+STORE_ENV = "NEUROTWIN_MODEL_STORE"
+DEFAULT_STORE_ROOT = "model_store"
+
+
+def default_store_root() -> str:
+    """``$NEUROTWIN_MODEL_STORE``, else ``./model_store``: the one default of every command and service."""
+    return os.environ.get(STORE_ENV) or DEFAULT_STORE_ROOT
 
 
 @dataclass(frozen=True)

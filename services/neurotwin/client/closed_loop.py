@@ -197,12 +197,27 @@ def _model_ref(model: str | tuple[str, int] | None) -> pb.ClosedLoopModelRef | N
     return pb.ClosedLoopModelRef(name=name, version=int(version or 0))
 
 
+def _metadata(values: Mapping[str, Any] | None) -> pb.RecordingMetadata:
+    data = dict(values or {})
+    if isinstance(data.get("experimenter"), str):
+        data["experimenter"] = [data["experimenter"]]
+    try:
+        return pb.RecordingMetadata(**{k: v for k, v in data.items() if v})
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"metadata: {exc}") from exc
+
+
 def stimulus_response(
     stimulus_id: str, values: Any, onset: float | None = None, duration: float | None = None
 ) -> pb.StimulusResponse:
     """1-D values -> rates (a mean per neuron); 2-D [repeats, neurons] -> one row per repeat."""
     array = np.asarray(values, dtype=np.float32)
-    message = pb.StimulusResponse(stimulus_id=stimulus_id, onset_time=onset or 0.0, duration=duration or 0.0)
+    message = pb.StimulusResponse(
+        stimulus_id=stimulus_id,
+        onset_time=onset or 0.0,
+        onset_known=onset is not None,
+        duration=duration or 0.0,
+    )
     if array.ndim == 1:
         message.rates.extend(array.tolist())
     elif array.ndim == 2:
@@ -280,7 +295,9 @@ class ClosedLoopClient:
         refit_readout: bool = False,
         description: str = "",
         session_id: str = "",
+        metadata: Mapping[str, Any] | None = None,
     ) -> SessionInfo:
+        """``metadata``: ``neurotwin.v1.RecordingMetadata`` fields by name (subject, device, session)."""
         images = [
             bytes(x) if isinstance(x, bytes | bytearray | memoryview) else Path(x).read_bytes()
             for x in natural_images
@@ -301,6 +318,7 @@ class ClosedLoopClient:
             image_size=image_size,
             image_format=image_format,
             description=description,
+            metadata=_metadata(metadata),
         )
         if seed is not None:
             request.seed = seed
@@ -361,10 +379,18 @@ class ClosedLoopClient:
         return SessionInfo.from_message(reply)
 
     def export_session(
-        self, session_id: str, path: str | os.PathLike[str], format: str = "nwb", omit_images: bool = False
+        self,
+        session_id: str,
+        path: str | os.PathLike[str],
+        format: str = "nwb",
+        omit_images: bool = False,
+        metadata: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Download the export to ``path`` and check its size and sha256; returns the path."""
-        request = pb.ExportSessionRequest(session_id=session_id, format=format, omit_images=omit_images)
+        """Download the export to ``path`` and check its size and sha256; returns the path.
+        ``metadata`` fields replace the session's in this file only."""
+        request = pb.ExportSessionRequest(
+            session_id=session_id, format=format, omit_images=omit_images, metadata=_metadata(metadata)
+        )
         target = Path(path)
         partial = target.with_name(f".{target.name}.part")
 

@@ -55,6 +55,7 @@ from neurotwin.engines.journal import (
     SessionRecord,
     StimulusRecord,
 )
+from neurotwin.engines.session_metadata import RecordingMetadata
 from neurotwin.errors import (
     FailedPrecondition,
     InvalidInput,
@@ -121,6 +122,8 @@ class SessionConfig:
     candidates_per_presentation: int = 0
     refit_readout: bool = False
     description: str = ""
+    # Subject, device and session metadata for exports (RecordingMetadata.to_dict(): given fields only).
+    metadata: dict[str, Any] = field(default_factory=dict)
     # sha256 of the create request (minus the id), so a retried create can be told from a clash.
     fingerprint: str = ""
 
@@ -166,10 +169,16 @@ class SessionRequest:
     candidates_per_presentation: int = 0
     refit_readout: bool = False
     description: str = ""
+    # RecordingMetadata fields by name (see engines.session_metadata); checked at creation.
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         data = asdict(self)
         data.pop("session_id")
+        if not data["metadata"]:
+            # Requests without metadata keep the fingerprint they had before the field existed, so a
+            # retried create of a session journaled by an older server still matches it.
+            data.pop("metadata")
         images = data.pop("natural_images")
         digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
         for image in images:
@@ -858,6 +867,7 @@ class ClosedLoopEngine:
             candidates_per_presentation=max(0, factor) if twin_name else 0,
             refit_readout=bool(req.refit_readout),
             description=req.description,
+            metadata=RecordingMetadata.from_dict(req.metadata).to_dict(),
             fingerprint=fingerprint,
         )
         if config.optimizer == "ga" and config.candidates > population:
@@ -1230,13 +1240,16 @@ class ClosedLoopEngine:
             for name, value in (("onset_time", r.onset), ("duration", r.duration)):
                 if value is not None and not np.isfinite(value):
                     raise InvalidInput(f"stimulus {sid!r}: {name} must be finite")
+            if r.duration is not None and r.duration < 0:
+                raise InvalidInput(f"stimulus {sid!r}: duration {r.duration} must be >= 0")
             records.append(
                 ResponseRecord(
                     generation=generation,
                     index=stimulus.index,
                     repeats=values32,
                     received=now,
-                    onset=r.onset or None,
+                    # None is unknown; an onset of 0.0 is the session clock's first instant.
+                    onset=r.onset,
                     duration=r.duration or None,
                 )
             )
@@ -1446,11 +1459,21 @@ class ClosedLoopEngine:
         log.info("closed-loop session %s closed", session_id)
         return self.get_session(session_id)
 
-    def export(self, session_id: str, path: str | Path, fmt: str = "nwb", with_images: bool = True) -> Path:
+    def export(
+        self,
+        session_id: str,
+        path: str | Path,
+        fmt: str = "nwb",
+        with_images: bool = True,
+        metadata: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write the session to ``path``; ``metadata`` fields replace the session's in this file."""
         from neurotwin.engines.session_export import export_session
 
         self.journal.get_session(session_id)
-        return export_session(self.journal, session_id, Path(path), fmt, with_images=with_images)
+        return export_session(
+            self.journal, session_id, Path(path), fmt, with_images=with_images, metadata=metadata
+        )
 
     def shutdown(self) -> None:
         with self._lock:

@@ -7,15 +7,22 @@ trajectory per generation, the session's settings, and the generator and twin ve
 NWB layout:
 - ``stimulus_templates/stimuli``: ``Images`` with one ``RGBImage`` per distinct image (each synthetic
   stimulus; each natural image once), ordered; ``stimulus/presentations``: an ``IndexSeries`` into it.
-- ``intervals/trials``: one row per told presentation: generation, stimulus id and index, kind, image
-  index, sha256, latent, objective, twin-predicted score, mean responses, every repeat (ragged),
-  server receive time; start/stop times are the rig's onset/duration when it gave them, else the
-  server's receive time relative to the session start.
-- ``acquisition/responses``: ``TimeSeries`` [presentations, neurons] of mean responses.
+- ``intervals/trials``: one row per told presentation, in order of start time: generation, stimulus id
+  and index, kind, image index, sha256, latent, objective, twin-predicted score, mean responses, every
+  repeat (ragged), server receive time. ``start_time`` is the rig's onset of the first repeat when it
+  gave one (0.0 included), else the server's receive time, in seconds from the session start;
+  ``stop_time`` is start plus the presentation duration of one repeat (the Tell's, else the session
+  metadata's ``presentation_duration``), NaN when neither is known.
+- ``acquisition/responses``: ``TimeSeries`` [presentations, neurons] of mean responses, in the
+  metadata's ``response_units``.
+- ``general/subject``, devices, electrode group (when a brain area is given), experimenter, lab,
+  institution, protocol: from the session's ``RecordingMetadata`` (with any given at export). A
+  subject nobody described is written as id "unknown", sex "U", age "P0D/" (any age).
 - ``processing/closed_loop``: tables ``generations`` (optimizer trajectory), ``models`` (generator and
   twin name/version) and ``neurons`` (ids; target flag); the settings JSON is in ``notes``.
 
-HDF5 layout (``h5py``): attributes ``format``, ``session_id``, ``settings`` (JSON), ``created``; groups
+HDF5 layout (``h5py``): attributes ``format``, ``session_id``, ``settings`` (JSON), ``metadata`` (JSON,
+the given fields), ``created``; groups
 ``stimuli``, ``presentations``, ``generations``, ``natural_set`` and ``models`` with one dataset per
 column (see ``write_hdf5``).
 """
@@ -24,7 +31,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +46,18 @@ from neurotwin.engines.journal import (
     SessionRecord,
     StimulusRecord,
 )
+from neurotwin.engines.session_metadata import (
+    DEFAULT_RESPONSE_UNITS,
+    UNKNOWN_AGE,
+    UNKNOWN_SEX,
+    UNKNOWN_SUBJECT_ID,
+    RecordingMetadata,
+)
 from neurotwin.errors import InvalidInput
 from neurotwin.imagecodec import decode_image
 
 FORMATS = ("nwb", "hdf5")
 HDF5_FORMAT = "neurotwin.closed-loop-session/1"
-RESPONSE_UNIT = "responses as told by the rig (e.g. spikes per response window)"
 
 
 @dataclass
@@ -57,9 +70,21 @@ class SessionData:
     responses: list[ResponseRecord]
     natural: list[NaturalImage]
 
+    # The session's metadata with any given for this export applied.
+    metadata: RecordingMetadata = field(default_factory=RecordingMetadata)
+
     @property
     def config(self) -> dict[str, Any]:
         return self.record.config
+
+    @property
+    def start_time(self) -> float:
+        """The session's time zero (Unix seconds): the rig's session start when given, else creation."""
+        return self.metadata.session_start_time or self.record.created
+
+    @property
+    def response_units(self) -> str:
+        return self.metadata.response_units or DEFAULT_RESPONSE_UNITS
 
     def told(self) -> list[tuple[StimulusRecord, ResponseRecord]]:
         by_key = {(s.generation, s.index): s for s in self.stimuli}
@@ -68,8 +93,14 @@ class SessionData:
         ]
 
 
-def collect(journal: Journal, session_id: str, with_images: bool = True) -> SessionData:
+def collect(
+    journal: Journal, session_id: str, with_images: bool = True, metadata: dict[str, Any] | None = None
+) -> SessionData:
+    """A snapshot of the session; ``metadata`` (RecordingMetadata fields) replaces the journaled."""
     record = journal.get_session(session_id)
+    session_metadata = RecordingMetadata.from_dict(record.config.get("metadata"))
+    if metadata:
+        session_metadata = session_metadata.merged(RecordingMetadata.from_dict(metadata))
     generations = journal.generations(session_id)
     known = {g.generation for g in generations}
     # Reads are separate transactions; keep only rows of generations seen in the first read, so a
@@ -77,16 +108,21 @@ def collect(journal: Journal, session_id: str, with_images: bool = True) -> Sess
     stimuli = [s for s in journal.stimuli(session_id, with_images=with_images) if s.generation in known]
     responses = [r for r in journal.responses(session_id) if r.generation in known]
     natural = journal.natural_images(session_id, with_data=with_images)
-    return SessionData(record, generations, stimuli, responses, natural)
+    return SessionData(record, generations, stimuli, responses, natural, session_metadata)
 
 
 def export_session(
-    journal: Journal, session_id: str, path: Path, fmt: str = "nwb", with_images: bool = True
+    journal: Journal,
+    session_id: str,
+    path: Path,
+    fmt: str = "nwb",
+    with_images: bool = True,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     fmt = fmt.lower() or "nwb"
     if fmt not in FORMATS:
         raise InvalidInput(f"export format {fmt!r}: expected one of {FORMATS}")
-    data = collect(journal, session_id, with_images)
+    data = collect(journal, session_id, with_images, metadata)
     path = Path(path)
     if fmt == "nwb":
         write_nwb(data, path, with_images)
@@ -121,17 +157,25 @@ class _Presentations:
 
 
 def _presentations(data: SessionData) -> _Presentations:
+    """Told presentations in order of start time (NWB wants ascending start times), ties kept in
+    (generation, index) order."""
     pairs = data.told()
     neurons = int(data.config["neuron_count"])
+    zero = data.start_time
+    received = np.array([r.received - zero for _, r in pairs], dtype=np.float64)
+    onset = np.array([np.nan if r.onset is None else r.onset for _, r in pairs], dtype=np.float64)
+    start = np.where(np.isnan(onset), received, onset)
+    order = np.argsort(start, kind="stable")
+    pairs = [pairs[i] for i in order]
+    received, onset, start = received[order], onset[order], start[order]
     stimuli = [s for s, _ in pairs]
     responses = [r for _, r in pairs]
     means = np.stack([r.mean for r in responses]) if responses else np.zeros((0, neurons))
-    created = data.record.created
-    received = np.array([r.received - created for r in responses], dtype=np.float64)
-    onset = np.array([np.nan if r.onset is None else r.onset for r in responses], dtype=np.float64)
     duration = np.array([np.nan if r.duration is None else r.duration for r in responses], dtype=np.float64)
-    start = np.where(np.isnan(onset), received, onset)
-    stop = start + np.nan_to_num(duration, nan=0.0)
+    # The session's presentation time stands in where a Tell gave none; unknown stays NaN, since a
+    # made-up stop time would look like a measurement.
+    default_duration = data.metadata.presentation_duration or np.nan
+    stop = start + np.where(np.isnan(duration), default_duration, duration)
     return _Presentations(
         stimuli, responses, means, _scores(data, means), start, stop, received, onset, duration
     )
@@ -150,12 +194,11 @@ def _trajectory(data: SessionData) -> dict[str, np.ndarray]:
     dim = int(data.config["latent_dim"])
     gens = data.generations
     keys = sorted({k for g in gens for k, v in g.summary.items() if isinstance(v, int | float)})
+    zero = data.start_time
     columns: dict[str, np.ndarray] = {
         "generation": np.array([g.generation for g in gens], dtype=np.int64),
-        "created": np.array([g.created - data.record.created for g in gens], dtype=np.float64),
-        "told": np.array(
-            [np.nan if g.told is None else g.told - data.record.created for g in gens], dtype=np.float64
-        ),
+        "created": np.array([g.created - zero for g in gens], dtype=np.float64),
+        "told": np.array([np.nan if g.told is None else g.told - zero for g in gens], dtype=np.float64),
     }
     for key in keys:
         columns[key] = np.array([float(g.summary.get(key, np.nan)) for g in gens], dtype=np.float64)
@@ -201,27 +244,71 @@ def _image_table(data: SessionData) -> tuple[list[tuple[str, bytes | None]], dic
 # NWB
 
 
-def write_nwb(data: SessionData, path: Path, with_images: bool = True) -> None:
-    from hdmf.common import DynamicTable, VectorData
-    from pynwb import NWBHDF5IO, NWBFile, TimeSeries
-    from pynwb.base import ImageReferences, Images
-    from pynwb.image import IndexSeries, RGBImage
+def _session_description(data: SessionData) -> str:
+    config = data.config
+    return (
+        data.metadata.session_description
+        or f"neurotwin closed-loop session {data.record.session_id}: "
+        f"{config['optimizer']} over {config['generator']} v{config['generator_version']}"
+        + (f", twin-guided by {config['twin']} v{config['twin_version']}" if config.get("twin") else "")
+    )
+
+
+def _nwb_file(data: SessionData) -> Any:
+    """The NWBFile with the session, subject, device and lab metadata filled in."""
+    from pynwb import NWBFile
+    from pynwb.file import Subject
 
     config = data.config
     record = data.record
-    created = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
+    meta = data.metadata
     nwb = NWBFile(
-        session_description=f"neurotwin closed-loop session {record.session_id}: "
-        f"{config['optimizer']} over {config['generator']} v{config['generator_version']}"
-        + (f", twin-guided by {config['twin']} v{config['twin_version']}" if config.get("twin") else ""),
+        session_description=_session_description(data),
         identifier=f"neurotwin-closed-loop-{record.session_id}",
-        session_start_time=created,
+        session_start_time=datetime.datetime.fromtimestamp(data.start_time, tz=datetime.UTC),
         session_id=record.session_id,
         notes=json.dumps({"settings": config, "status": record.status, "best": record.best}, sort_keys=True),
         stimulus_notes=config.get("description", ""),
         source_script="neurotwin.engines.session_export",
         source_script_file_name="session_export.py",
+        experimenter=list(meta.experimenter) or None,
+        lab=meta.lab or None,
+        institution=meta.institution or None,
+        experiment_description=meta.experiment_description or None,
+        protocol=meta.protocol or None,
+        keywords=["closed loop", "stimulus synthesis", "neurotwin"],
     )
+    nwb.subject = Subject(
+        subject_id=meta.subject_id or UNKNOWN_SUBJECT_ID,
+        species=meta.species or None,
+        sex=meta.sex or UNKNOWN_SEX,
+        age=meta.age or UNKNOWN_AGE,
+        description=meta.subject_description or None,
+    )
+    if meta.device_name or meta.device_description or meta.device_manufacturer or meta.brain_area:
+        device = nwb.create_device(
+            name=meta.device_name or "recording device",
+            description=meta.device_description or None,
+            manufacturer=meta.device_manufacturer or None,
+        )
+        if meta.brain_area:
+            nwb.create_electrode_group(
+                name="recording_site",
+                description="where the recorded neurons are",
+                location=meta.brain_area,
+                device=device,
+            )
+    return nwb
+
+
+def write_nwb(data: SessionData, path: Path, with_images: bool = True) -> None:
+    from hdmf.common import DynamicTable, VectorData
+    from pynwb import NWBHDF5IO, TimeSeries
+    from pynwb.base import ImageReferences, Images
+    from pynwb.image import IndexSeries, RGBImage
+
+    config = data.config
+    nwb = _nwb_file(data)
     p = _presentations(data)
     images, row_of = _image_table(data)
     indexed: Images | None = None
@@ -253,6 +340,7 @@ def write_nwb(data: SessionData, path: Path, with_images: bool = True) -> None:
 
     neurons = int(config["neuron_count"])
     dim = int(config["latent_dim"])
+    units = data.response_units
     columns = [
         ("generation", "generation index"),
         ("stimulus_index", "position in the generation (presentation order)"),
@@ -261,15 +349,15 @@ def write_nwb(data: SessionData, path: Path, with_images: bool = True) -> None:
         ("image_index", "row of stimulus_templates/stimuli"),
         ("sha256", "sha256 of the presented image bytes"),
         ("latent", "latent code (NaN for natural images)"),
-        ("objective", f"measured objective ({config['objective']} over target neurons)"),
+        ("objective", f"measured objective ({config['objective']} over target neurons), in {units}"),
         ("predicted_score", "twin-predicted ranking score (NaN without a twin)"),
-        ("responses", "responses averaged over repeats, one per neuron"),
+        ("responses", f"responses averaged over repeats, one per neuron, in {units}"),
         ("server_received_time", "when the server received the responses, seconds from session start"),
-        ("rig_onset_time", "onset reported by the rig (NaN when not given)"),
+        ("rig_onset_time", "onset reported by the rig, seconds from session start (NaN when not given)"),
     ]
     for name, description in columns:
         nwb.add_trial_column(name=name, description=description)
-    nwb.add_trial_column(name="repeats", description="every repeat's responses", index=True)
+    nwb.add_trial_column(name="repeats", description=f"every repeat's responses, in {units}", index=True)
     for i, (s, r) in enumerate(zip(p.stimuli, p.responses, strict=True)):
         nwb.add_trial(
             start_time=float(p.start[i]),
@@ -293,7 +381,7 @@ def write_nwb(data: SessionData, path: Path, with_images: bool = True) -> None:
             TimeSeries(
                 name="responses",
                 data=p.means.astype(np.float32).reshape(-1, neurons),
-                unit=RESPONSE_UNIT,
+                unit=units,
                 timestamps=p.start,
                 description="mean response of every recorded neuron to each told presentation",
             )
@@ -362,6 +450,9 @@ def write_hdf5(data: SessionData, path: Path, with_images: bool = True) -> None:
         f.attrs["format"] = HDF5_FORMAT
         f.attrs["session_id"] = record.session_id
         f.attrs["settings"] = json.dumps(config, sort_keys=True)
+        f.attrs["metadata"] = json.dumps(data.metadata.to_dict(), sort_keys=True)
+        f.attrs["session_start_time"] = data.start_time
+        f.attrs["response_units"] = data.response_units
         f.attrs["status"] = record.status
         f.attrs["best"] = json.dumps(record.best)
         f.attrs["created"] = record.created
@@ -374,7 +465,7 @@ def write_hdf5(data: SessionData, path: Path, with_images: bool = True) -> None:
             stim.create_dataset("images", data=pixels, compression="gzip", compression_opts=1)
 
         pres = f.create_group("presentations")
-        pres.attrs["description"] = "one row per told presentation, in (generation, index) order"
+        pres.attrs["description"] = "one row per told presentation, in order of start time"
         n = len(p.stimuli)
         pres.create_dataset("generation", data=np.array([s.generation for s in p.stimuli], dtype=np.int64))
         pres.create_dataset("stimulus_index", data=np.array([s.index for s in p.stimuli], dtype=np.int64))

@@ -31,7 +31,7 @@ from neurotwin.engines.closed_loop import (
 from neurotwin.engines.journal import open_journal
 from neurotwin.errors import InvalidInput
 from neurotwin.server.common import LATENCY_BUCKETS, GrpcServer
-from neurotwin.store import ModelStore
+from neurotwin.store import ModelStore, default_store_root
 from neurotwin.v1 import closed_loop_pb2 as pb
 from neurotwin.v1 import closed_loop_pb2_grpc as pb_grpc
 
@@ -41,18 +41,12 @@ SECTION = "closed_loop"
 SERVICE_NAME = "neurotwin.v1.ClosedLoop"
 
 
-def _default_model_store() -> str:
-    import os
-
-    return os.environ.get("NEUROTWIN_MODEL_STORE", "model_store")
-
-
 @dataclass
 class Settings:
     """Settings of the closed-loop service (section ``closed_loop``, env ``NEUROTWIN_CLOSED_LOOP_*``,
     flags ``--closed-loop-<setting>``)."""
 
-    model_store: str = field(default_factory=_default_model_store)
+    model_store: str = field(default_factory=default_store_root)
     # A SQLite file (WAL mode) or a postgresql:// URL shared by replicas.
     journal: str = "closed_loop_journal.sqlite3"
     # SQLite durability: FULL fsyncs every commit (survives power loss); NORMAL only survives crashes.
@@ -94,6 +88,16 @@ FLAG_HELP = {
 # Message conversion
 
 
+def metadata_dict(message: pb.RecordingMetadata) -> dict[str, Any]:
+    """The fields a RecordingMetadata message sets (empty strings and zeros are "not given")."""
+    data: dict[str, Any] = {}
+    for descriptor in message.DESCRIPTOR.fields:
+        value = getattr(message, descriptor.name)
+        if value:
+            data[descriptor.name] = list(value) if descriptor.is_repeated else value
+    return data
+
+
 def session_request(message: pb.CreateSessionRequest) -> SessionRequest:
     guidance = message.guidance if message.HasField("guidance") else None
     return SessionRequest(
@@ -120,6 +124,7 @@ def session_request(message: pb.CreateSessionRequest) -> SessionRequest:
         candidates_per_presentation=guidance.candidates_per_presentation if guidance else 0,
         refit_readout=guidance.refit_readout if guidance else False,
         description=message.description,
+        metadata=metadata_dict(message.metadata),
     )
 
 
@@ -155,6 +160,7 @@ def session_message(view: SessionView) -> pb.ClosedLoopSession:
         image_size=c.image_size,
         image_format=c.image_format,
         description=c.description,
+        metadata=pb.RecordingMetadata(**c.metadata),
     )
     if c.twin:
         settings.guidance.CopyFrom(
@@ -210,7 +216,7 @@ def told_responses(message: pb.TellRequest) -> list[ToldResponse]:
             stimulus_id=r.stimulus_id,
             rates=list(r.rates) if len(r.rates) else None,
             repeats=[list(rep.rates) for rep in r.repeats] if len(r.repeats) else None,
-            onset=r.onset_time or None,
+            onset=r.onset_time if (r.onset_known or r.onset_time) else None,
             duration=r.duration or None,
         )
         for r in message.responses
@@ -321,7 +327,11 @@ class ClosedLoopServicer(pb_grpc.ClosedLoopServicer):
         folder = Path(tempfile.mkdtemp(prefix="neurotwin-export-"))
         try:
             path = self.engine.export(
-                session_id, folder / f"{session_id}{suffix}", fmt, with_images=not request.omit_images
+                session_id,
+                folder / f"{session_id}{suffix}",
+                fmt,
+                with_images=not request.omit_images,
+                metadata=metadata_dict(request.metadata),
             )
             digest = hashlib.sha256()
             with path.open("rb") as f:

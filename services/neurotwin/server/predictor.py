@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +27,7 @@ from neurotwin.errors import InvalidInput, NeurotwinError
 from neurotwin.imagecodec import DEFAULT_MAX_PIXELS, decode_image
 from neurotwin.runtimes.onnx_session import SessionSettings
 from neurotwin.server.common import LATENCY_BUCKETS, GrpcServer, deadline_from
-from neurotwin.store import ModelStore, VersionPolicy
+from neurotwin.store import ModelStore, VersionPolicy, default_store_root
 from neurotwin.v1 import predictor_pb2 as pb
 from neurotwin.v1 import predictor_pb2_grpc as pb_grpc
 
@@ -52,7 +51,7 @@ _STATES = {
 class Settings:
     """Settings of the predictor service (section ``predictor``, env ``NEUROTWIN_PREDICTOR_*``)."""
 
-    model_store: str = field(default_factory=lambda: os.environ.get("NEUROTWIN_MODEL_STORE", "model_store"))
+    model_store: str = field(default_factory=default_store_root)
     # "latest:N" (the N newest versions of each model) or "pinned:1,3".
     version_policy: str = "latest:1"
     # Dynamic batching, per model version.

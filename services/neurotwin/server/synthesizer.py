@@ -20,7 +20,6 @@ import collections
 import importlib
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,7 +53,14 @@ from neurotwin.errors import (
 )
 from neurotwin.imagecodec import encode_image, resize_uint8
 from neurotwin.server.common import LATENCY_BUCKETS, GrpcServer, deadline_from
-from neurotwin.store import GENERATORS, PREDICTORS, ModelStore, ModelVersion, validate_generator
+from neurotwin.store import (
+    GENERATORS,
+    PREDICTORS,
+    ModelStore,
+    ModelVersion,
+    default_store_root,
+    validate_generator,
+)
 from neurotwin.v1 import synthesizer_pb2 as pb
 from neurotwin.v1 import synthesizer_pb2_grpc as pb_grpc
 
@@ -77,15 +83,11 @@ OCCUPANCY_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
-def _default_store() -> str:
-    return os.environ.get("NEUROTWIN_MODEL_STORE", "model_store")
-
-
 @dataclass
 class Settings:
     """Settings of the synthesizer service (section ``synthesizer``, env ``NEUROTWIN_SYNTHESIZER_*``)."""
 
-    model_store: str = field(default_factory=_default_store)
+    model_store: str = field(default_factory=default_store_root)
     # Generator used when a request names none ("pixels": the Fourier pixel parameterization). The
     # bundled GAN searched on its 4096-d hidden code drives neurons much further than on its input
     # noise (BENCHMARKS.md, synthesis).

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eneurotwin/v1/closed_loop.proto\x12\x0cneurotwin.v1\"3\n\x12\x43losedLoopModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"\x90\x01\n\x0cTwinGuidance\x12.\n\x04twin\x18\x01 \x01(\x0b\x32 .neurotwin.v1.ClosedLoopModelRef\x12\x14\n\x0ctwin_neurons\x18\x02 \x03(\x05\x12#\n\x1b\x63\x61ndidates_per_presentation\x18\x03 \x01(\x05\x12\x15\n\rrefit_readout\x18\x04 \x01(\x08\"\xe0\x04\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x33\n\tgenerator\x18\x02 \x01(\x0b\x32 .neurotwin.v1.ClosedLoopModelRef\x12\x11\n\toptimizer\x18\x03 \x01(\t\x12S\n\x11optimizer_options\x18\x04 \x03(\x0b\x32\x38.neurotwin.v1.CreateSessionRequest.OptimizerOptionsEntry\x12\x17\n\x0fpopulation_size\x18\x05 \x01(\x05\x12\x1e\n\x16natural_per_generation\x18\x06 \x01(\x05\x12\x16\n\x0enatural_source\x18\x07 \x01(\t\x12\x16\n\x0enatural_images\x18\x08 \x03(\x0c\x12\x14\n\x0cneuron_count\x18\t \x01(\x05\x12\x12\n\nneuron_ids\x18\n \x03(\t\x12\x16\n\x0etarget_neurons\x18\x0b \x03(\x05\x12\x11\n\tobjective\x18\x0c \x01(\t\x12\x11\n\x04seed\x18\r \x01(\x04H\x00\x88\x01\x01\x12\x17\n\x0fmax_generations\x18\x0e \x01(\x05\x12\x12\n\nimage_size\x18\x0f \x01(\x05\x12\x14\n\x0cimage_format\x18\x10 \x01(\t\x12,\n\x08guidance\x18\x11 \x01(\x0b\x32\x1a.neurotwin.v1.TwinGuidance\x12\x13\n\x0b\x64\x65scription\x18\x12 \x01(\t\x1a\x37\n\x15OptimizerOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seed\"5\n\nAskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bomit_images\x18\x02 \x01(\x08\"\xad\x01\n\x12\x43losedLoopStimulus\x12\x13\n\x0bstimulus_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x14\n\x0cnatural_name\x18\x06 \x01(\t\x12\x17\n\x0fpredicted_rates\x18\x07 \x03(\x02\x12\x17\n\x0fpredicted_score\x18\x08 \x01(\x02\"\xa6\x01\n\x0b\x41skResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x31\n\x07stimuli\x18\x04 \x03(\x0b\x32 .neurotwin.v1.ClosedLoopStimulus\x12\x14\n\x0cimage_format\x18\x05 \x01(\t\x12\x14\n\x0c\x63reated_time\x18\x06 \x01(\x01\"\x1f\n\x0eResponseRepeat\x12\r\n\x05rates\x18\x01 \x03(\x02\"\x8b\x01\n\x10StimulusResponse\x12\x13\n\x0bstimulus_id\x18\x01 \x01(\t\x12\r\n\x05rates\x18\x02 \x03(\x02\x12-\n\x07repeats\x18\x03 \x03(\x0b\x32\x1c.neurotwin.v1.ResponseRepeat\x12\x12\n\nonset_time\x18\x04 \x01(\x01\x12\x10\n\x08\x64uration\x18\x05 \x01(\x01\"y\n\x0bTellRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x05\x12\x31\n\tresponses\x18\x03 \x03(\x0b\x32\x1e.neurotwin.v1.StimulusResponse\x12\x0f\n\x07partial\x18\x04 \x01(\x08\"\xd2\x01\n\tBestSoFar\x12\x12\n\ngeneration\x18\x01 \x01(\x05\x12\x13\n\x0bstimulus_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x14\n\x0ctarget_rates\x18\x04 \x03(\x02\x12 \n\x18\x62\x65st_natural_stimulus_id\x18\x05 \x01(\t\x12\x1a\n\x12\x62\x65st_natural_score\x18\x06 \x01(\x01\x12\x1c\n\x14last_generation_mean\x18\x07 \x01(\x01\x12\x1b\n\x13last_generation_max\x18\x08 \x01(\x01\"\xe0\x01\n\x0cTellResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x05\x12\x1b\n\x13generation_complete\x18\x03 \x01(\x08\x12\x1c\n\x14missing_stimulus_ids\x18\x04 \x03(\t\x12%\n\x04\x62\x65st\x18\x05 \x01(\x0b\x32\x17.neurotwin.v1.BestSoFar\x12\x18\n\x10generations_told\x18\x06 \x01(\x05\x12\x1a\n\x12presentations_told\x18\x07 \x01(\x03\x12\x10\n\x08\x66inished\x18\x08 \x01(\x08\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x13ListSessionsRequest\x12\x11\n\topen_only\x18\x01 \x01(\x08\"I\n\x14ListSessionsResponse\x12\x31\n\x08sessions\x18\x01 \x03(\x0b\x32\x1f.neurotwin.v1.ClosedLoopSession\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xcc\x02\n\x11\x43losedLoopSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x34\n\x08settings\x18\x03 \x01(\x0b\x32\".neurotwin.v1.CreateSessionRequest\x12\x14\n\x0c\x63reated_time\x18\x04 \x01(\x01\x12\x14\n\x0cupdated_time\x18\x05 \x01(\x01\x12\x12\n\ngeneration\x18\x06 \x01(\x05\x12\x0f\n\x07pending\x18\x07 \x01(\x08\x12\x18\n\x10generations_told\x18\x08 \x01(\x05\x12\x1a\n\x12presentations_told\x18\t \x01(\x03\x12%\n\x04\x62\x65st\x18\n \x01(\x0b\x32\x17.neurotwin.v1.BestSoFar\x12\x12\n\nlatent_dim\x18\x0b \x01(\x05\x12\x1b\n\x13natural_image_count\x18\x0c \x01(\x05\"O\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x13\n\x0bomit_images\x18\x03 \x01(\x08\"R\n\x0b\x45xportChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t2\xaa\x04\n\nClosedLoop\x12T\n\rCreateSession\x12\".neurotwin.v1.CreateSessionRequest\x1a\x1f.neurotwin.v1.ClosedLoopSession\x12:\n\x03\x41sk\x12\x18.neurotwin.v1.AskRequest\x1a\x19.neurotwin.v1.AskResponse\x12=\n\x04Tell\x12\x19.neurotwin.v1.TellRequest\x1a\x1a.neurotwin.v1.TellResponse\x12N\n\nGetSession\x12\x1f.neurotwin.v1.GetSessionRequest\x1a\x1f.neurotwin.v1.ClosedLoopSession\x12U\n\x0cListSessions\x12!.neurotwin.v1.ListSessionsRequest\x1a\".neurotwin.v1.ListSessionsResponse\x12R\n\x0c\x43loseSession\x12!.neurotwin.v1.CloseSessionRequest\x1a\x1f.neurotwin.v1.ClosedLoopSession\x12P\n\rExportSession\x12\".neurotwin.v1.ExportSessionRequest\x1a\x19.neurotwin.v1.ExportChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eneurotwin/v1/closed_loop.proto\x12\x0cneurotwin.v1\"3\n\x12\x43losedLoopModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"\x90\x01\n\x0cTwinGuidance\x12.\n\x04twin\x18\x01 \x01(\x0b\x32 .neurotwin.v1.ClosedLoopModelRef\x12\x14\n\x0ctwin_neurons\x18\x02 \x03(\x05\x12#\n\x1b\x63\x61ndidates_per_presentation\x18\x03 \x01(\x05\x12\x15\n\rrefit_readout\x18\x04 \x01(\x08\"\x93\x05\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x33\n\tgenerator\x18\x02 \x01(\x0b\x32 .neurotwin.v1.ClosedLoopModelRef\x12\x11\n\toptimizer\x18\x03 \x01(\t\x12S\n\x11optimizer_options\x18\x04 \x03(\x0b\x32\x38.neurotwin.v1.CreateSessionRequest.OptimizerOptionsEntry\x12\x17\n\x0fpopulation_size\x18\x05 \x01(\x05\x12\x1e\n\x16natural_per_generation\x18\x06 \x01(\x05\x12\x16\n\x0enatural_source\x18\x07 \x01(\t\x12\x16\n\x0enatural_images\x18\x08 \x03(\x0c\x12\x14\n\x0cneuron_count\x18\t \x01(\x05\x12\x12\n\nneuron_ids\x18\n \x03(\t\x12\x16\n\x0etarget_neurons\x18\x0b \x03(\x05\x12\x11\n\tobjective\x18\x0c \x01(\t\x12\x11\n\x04seed\x18\r \x01(\x04H\x00\x88\x01\x01\x12\x17\n\x0fmax_generations\x18\x0e \x01(\x05\x12\x12\n\nimage_size\x18\x0f \x01(\x05\x12\x14\n\x0cimage_format\x18\x10 \x01(\t\x12,\n\x08guidance\x18\x11 \x01(\x0b\x32\x1a.neurotwin.v1.TwinGuidance\x12\x13\n\x0b\x64\x65scription\x18\x12 \x01(\t\x12\x31\n\x08metadata\x18\x13 \x01(\x0b\x32\x1f.neurotwin.v1.RecordingMetadata\x1a\x37\n\x15OptimizerOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seed\"\xab\x03\n\x11RecordingMetadata\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x0f\n\x07species\x18\x02 \x01(\t\x12\x0b\n\x03sex\x18\x03 \x01(\t\x12\x0b\n\x03\x61ge\x18\x04 \x01(\t\x12\x1b\n\x13subject_description\x18\x05 \x01(\t\x12\x1b\n\x13session_description\x18\x06 \x01(\t\x12\x14\n\x0c\x65xperimenter\x18\x07 \x03(\t\x12\x0b\n\x03lab\x18\x08 \x01(\t\x12\x13\n\x0binstitution\x18\t \x01(\t\x12\x1e\n\x16\x65xperiment_description\x18\n \x01(\t\x12\x10\n\x08protocol\x18\x0b \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x0c \x01(\t\x12\x1a\n\x12\x64\x65vice_description\x18\r \x01(\t\x12\x1b\n\x13\x64\x65vice_manufacturer\x18\x0e \x01(\t\x12\x12\n\nbrain_area\x18\x0f \x01(\t\x12\x16\n\x0eresponse_units\x18\x10 \x01(\t\x12\x1d\n\x15presentation_duration\x18\x11 \x01(\x01\x12\x1a\n\x12session_start_time\x18\x12 \x01(\x01\"5\n\nAskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bomit_images\x18\x02 \x01(\x08\"\xad\x01\n\x12\x43losedLoopStimulus\x12\x13\n\x0bstimulus_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x14\n\x0cnatural_name\x18\x06 \x01(\t\x12\x17\n\x0fpredicted_rates\x18\x07 \x03(\x02\x12\x17\n\x0fpredicted_score\x18\x08 \x01(\x02\"\xa6\x01\n\x0b\x41skResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x31\n\x07stimuli\x18\x04 \x03(\x0b\x32 .neurotwin.v1.ClosedLoopStimulus\x12\x14\n\x0cimage_format\x18\x05 \x01(\t\x12\x14\n\x0c\x63reated_time\x18\x06 \x01(\x01\"\x1f\n\x0eResponseRepeat\x12\r\n\x05rates\x18\x01 \x03(\x02\"\xa0\x01\n\x10StimulusResponse\x12\x13\n\x0bstimulus_id\x18\x01 \x01(\t\x12\r\n\x05rates\x18\x02 \x03(\x02\x12-\n\x07repeats\x18\x03 \x03(\x0b\x32\x1c.neurotwin.v1.ResponseRepeat\x12\x12\n\nonset_time\x18\x04 \x01(\x01\x12\x10\n\x08\x64uration\x18\x05 \x01(\x01\x12\x13\n\x0bonset_known\x18\x06 \x01(\x08\"y\n\x0bTellRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x05\x12\x31\n\tresponses\x18\x03 \x03(\x0b\x32\x1e.neurotwin.v1.StimulusResponse\x12\x0f\n\x07partial\x18\x04 \x01(\x08\"\xd2\x01\n\tBestSoFar\x12\x12\n\ngeneration\x18\x01 \x01(\x05\x12\x13\n\x0bstimulus_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x14\n\x0ctarget_rates\x18\x04 \x03(\x02\x12 \n\x18\x62\x65st_natural_stimulus_id\x18\x05 \x01(\t\x12\x1a\n\x12\x62\x65st_natural_score\x18\x06 \x01(\x01\x12\x1c\n\x14last_generation_mean\x18\x07 \x01(\x01\x12\x1b\n\x13last_generation_max\x18\x08 \x01(\x01\"\xe0\x01\n\x0cTellResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x05\x12\x1b\n\x13generation_complete\x18\x03 \x01(\x08\x12\x1c\n\x14missing_stimulus_ids\x18\x04 \x03(\t\x12%\n\x04\x62\x65st\x18\x05 \x01(\x0b\x32\x17.neurotwin.v1.BestSoFar\x12\x18\n\x10generations_told\x18\x06 \x01(\x05\x12\x1a\n\x12presentations_told\x18\x07 \x01(\x03\x12\x10\n\x08\x66inished\x18\x08 \x01(\x08\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x13ListSessionsRequest\x12\x11\n\topen_only\x18\x01 \x01(\x08\"I\n\x14ListSessionsResponse\x12\x31\n\x08sessions\x18\x01 \x03(\x0b\x32\x1f.neurotwin.v1.ClosedLoopSession\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xcc\x02\n\x11\x43losedLoopSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x34\n\x08settings\x18\x03 \x01(\x0b\x32\".neurotwin.v1.CreateSessionRequest\x12\x14\n\x0c\x63reated_time\x18\x04 \x01(\x01\x12\x14\n\x0cupdated_time\x18\x05 \x01(\x01\x12\x12\n\ngeneration\x18\x06 \x01(\x05\x12\x0f\n\x07pending\x18\x07 \x01(\x08\x12\x18\n\x10generations_told\x18\x08 \x01(\x05\x12\x1a\n\x12presentations_told\x18\t \x01(\x03\x12%\n\x04\x62\x65st\x18\n \x01(\x0b\x32\x17.neurotwin.v1.BestSoFar\x12\x12\n\nlatent_dim\x18\x0b \x01(\x05\x12\x1b\n\x13natural_image_count\x18\x0c \x01(\x05\"\x82\x01\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x13\n\x0bomit_images\x18\x03 \x01(\x08\x12\x31\n\x08metadata\x18\x04 \x01(\x0b\x32\x1f.neurotwin.v1.RecordingMetadata\"R\n\x0b\x45xportChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t2\xaa\x04\n\nClosedLoop\x12T\n\rCreateSession\x12\".neurotwin.v1.CreateSessionRequest\x1a\x1f.neurotwin.v1.ClosedLoopSession\x12:\n\x03\x41sk\x12\x18.neurotwin.v1.AskRequest\x1a\x19.neurotwin.v1.AskResponse\x12=\n\x04Tell\x12\x19.neurotwin.v1.TellRequest\x1a\x1a.neurotwin.v1.TellResponse\x12N\n\nGetSession\x12\x1f.neurotwin.v1.GetSessionRequest\x1a\x1f.neurotwin.v1.ClosedLoopSession\x12U\n\x0cListSessions\x12!.neurotwin.v1.ListSessionsRequest\x1a\".neurotwin.v1.ListSessionsResponse\x12R\n\x0c\x43loseSession\x12!.neurotwin.v1.CloseSessionRequest\x1a\x1f.neurotwin.v1.ClosedLoopSession\x12P\n\rExportSession\x12\".neurotwin.v1.ExportSessionRequest\x1a\x19.neurotwin.v1.ExportChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,39 +38,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TWINGUIDANCE']._serialized_start=102
   _globals['_TWINGUIDANCE']._serialized_end=246
   _globals['_CREATESESSIONREQUEST']._serialized_start=249
-  _globals['_CREATESESSIONREQUEST']._serialized_end=857
-  _globals['_CREATESESSIONREQUEST_OPTIMIZEROPTIONSENTRY']._serialized_start=793
-  _globals['_CREATESESSIONREQUEST_OPTIMIZEROPTIONSENTRY']._serialized_end=848
-  _globals['_ASKREQUEST']._serialized_start=859
-  _globals['_ASKREQUEST']._serialized_end=912
-  _globals['_CLOSEDLOOPSTIMULUS']._serialized_start=915
-  _globals['_CLOSEDLOOPSTIMULUS']._serialized_end=1088
-  _globals['_ASKRESPONSE']._serialized_start=1091
-  _globals['_ASKRESPONSE']._serialized_end=1257
-  _globals['_RESPONSEREPEAT']._serialized_start=1259
-  _globals['_RESPONSEREPEAT']._serialized_end=1290
-  _globals['_STIMULUSRESPONSE']._serialized_start=1293
-  _globals['_STIMULUSRESPONSE']._serialized_end=1432
-  _globals['_TELLREQUEST']._serialized_start=1434
-  _globals['_TELLREQUEST']._serialized_end=1555
-  _globals['_BESTSOFAR']._serialized_start=1558
-  _globals['_BESTSOFAR']._serialized_end=1768
-  _globals['_TELLRESPONSE']._serialized_start=1771
-  _globals['_TELLRESPONSE']._serialized_end=1995
-  _globals['_GETSESSIONREQUEST']._serialized_start=1997
-  _globals['_GETSESSIONREQUEST']._serialized_end=2036
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=2038
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=2078
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=2080
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=2153
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=2155
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=2196
-  _globals['_CLOSEDLOOPSESSION']._serialized_start=2199
-  _globals['_CLOSEDLOOPSESSION']._serialized_end=2531
-  _globals['_EXPORTSESSIONREQUEST']._serialized_start=2533
-  _globals['_EXPORTSESSIONREQUEST']._serialized_end=2612
-  _globals['_EXPORTCHUNK']._serialized_start=2614
-  _globals['_EXPORTCHUNK']._serialized_end=2696
-  _globals['_CLOSEDLOOP']._serialized_start=2699
-  _globals['_CLOSEDLOOP']._serialized_end=3253
+  _globals['_CREATESESSIONREQUEST']._serialized_end=908
+  _globals['_CREATESESSIONREQUEST_OPTIMIZEROPTIONSENTRY']._serialized_start=844
+  _globals['_CREATESESSIONREQUEST_OPTIMIZEROPTIONSENTRY']._serialized_end=899
+  _globals['_RECORDINGMETADATA']._serialized_start=911
+  _globals['_RECORDINGMETADATA']._serialized_end=1338
+  _globals['_ASKREQUEST']._serialized_start=1340
+  _globals['_ASKREQUEST']._serialized_end=1393
+  _globals['_CLOSEDLOOPSTIMULUS']._serialized_start=1396
+  _globals['_CLOSEDLOOPSTIMULUS']._serialized_end=1569
+  _globals['_ASKRESPONSE']._serialized_start=1572
+  _globals['_ASKRESPONSE']._serialized_end=1738
+  _globals['_RESPONSEREPEAT']._serialized_start=1740
+  _globals['_RESPONSEREPEAT']._serialized_end=1771
+  _globals['_STIMULUSRESPONSE']._serialized_start=1774
+  _globals['_STIMULUSRESPONSE']._serialized_end=1934
+  _globals['_TELLREQUEST']._serialized_start=1936
+  _globals['_TELLREQUEST']._serialized_end=2057
+  _globals['_BESTSOFAR']._serialized_start=2060
+  _globals['_BESTSOFAR']._serialized_end=2270
+  _globals['_TELLRESPONSE']._serialized_start=2273
+  _globals['_TELLRESPONSE']._serialized_end=2497
+  _globals['_GETSESSIONREQUEST']._serialized_start=2499
+  _globals['_GETSESSIONREQUEST']._serialized_end=2538
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=2540
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=2580
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=2582
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=2655
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=2657
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=2698
+  _globals['_CLOSEDLOOPSESSION']._serialized_start=2701
+  _globals['_CLOSEDLOOPSESSION']._serialized_end=3033
+  _globals['_EXPORTSESSIONREQUEST']._serialized_start=3036
+  _globals['_EXPORTSESSIONREQUEST']._serialized_end=3166
+  _globals['_EXPORTCHUNK']._serialized_start=3168
+  _globals['_EXPORTCHUNK']._serialized_end=3250
+  _globals['_CLOSEDLOOP']._serialized_start=3253
+  _globals['_CLOSEDLOOP']._serialized_end=3807
 # @@protoc_insertion_point(module_scope)

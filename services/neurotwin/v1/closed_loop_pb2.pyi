@@ -27,7 +27,7 @@ class TwinGuidance(_message.Message):
     def __init__(self, twin: _Optional[_Union[ClosedLoopModelRef, _Mapping]] = ..., twin_neurons: _Optional[_Iterable[int]] = ..., candidates_per_presentation: _Optional[int] = ..., refit_readout: _Optional[bool] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("session_id", "generator", "optimizer", "optimizer_options", "population_size", "natural_per_generation", "natural_source", "natural_images", "neuron_count", "neuron_ids", "target_neurons", "objective", "seed", "max_generations", "image_size", "image_format", "guidance", "description")
+    __slots__ = ("session_id", "generator", "optimizer", "optimizer_options", "population_size", "natural_per_generation", "natural_source", "natural_images", "neuron_count", "neuron_ids", "target_neurons", "objective", "seed", "max_generations", "image_size", "image_format", "guidance", "description", "metadata")
     class OptimizerOptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class CreateSessionRequest(_message.Message):
     IMAGE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     generator: ClosedLoopModelRef
     optimizer: str
@@ -71,7 +72,48 @@ class CreateSessionRequest(_message.Message):
     image_format: str
     guidance: TwinGuidance
     description: str
-    def __init__(self, session_id: _Optional[str] = ..., generator: _Optional[_Union[ClosedLoopModelRef, _Mapping]] = ..., optimizer: _Optional[str] = ..., optimizer_options: _Optional[_Mapping[str, float]] = ..., population_size: _Optional[int] = ..., natural_per_generation: _Optional[int] = ..., natural_source: _Optional[str] = ..., natural_images: _Optional[_Iterable[bytes]] = ..., neuron_count: _Optional[int] = ..., neuron_ids: _Optional[_Iterable[str]] = ..., target_neurons: _Optional[_Iterable[int]] = ..., objective: _Optional[str] = ..., seed: _Optional[int] = ..., max_generations: _Optional[int] = ..., image_size: _Optional[int] = ..., image_format: _Optional[str] = ..., guidance: _Optional[_Union[TwinGuidance, _Mapping]] = ..., description: _Optional[str] = ...) -> None: ...
+    metadata: RecordingMetadata
+    def __init__(self, session_id: _Optional[str] = ..., generator: _Optional[_Union[ClosedLoopModelRef, _Mapping]] = ..., optimizer: _Optional[str] = ..., optimizer_options: _Optional[_Mapping[str, float]] = ..., population_size: _Optional[int] = ..., natural_per_generation: _Optional[int] = ..., natural_source: _Optional[str] = ..., natural_images: _Optional[_Iterable[bytes]] = ..., neuron_count: _Optional[int] = ..., neuron_ids: _Optional[_Iterable[str]] = ..., target_neurons: _Optional[_Iterable[int]] = ..., objective: _Optional[str] = ..., seed: _Optional[int] = ..., max_generations: _Optional[int] = ..., image_size: _Optional[int] = ..., image_format: _Optional[str] = ..., guidance: _Optional[_Union[TwinGuidance, _Mapping]] = ..., description: _Optional[str] = ..., metadata: _Optional[_Union[RecordingMetadata, _Mapping]] = ...) -> None: ...
+
+class RecordingMetadata(_message.Message):
+    __slots__ = ("subject_id", "species", "sex", "age", "subject_description", "session_description", "experimenter", "lab", "institution", "experiment_description", "protocol", "device_name", "device_description", "device_manufacturer", "brain_area", "response_units", "presentation_duration", "session_start_time")
+    SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    SPECIES_FIELD_NUMBER: _ClassVar[int]
+    SEX_FIELD_NUMBER: _ClassVar[int]
+    AGE_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENTER_FIELD_NUMBER: _ClassVar[int]
+    LAB_FIELD_NUMBER: _ClassVar[int]
+    INSTITUTION_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MANUFACTURER_FIELD_NUMBER: _ClassVar[int]
+    BRAIN_AREA_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_UNITS_FIELD_NUMBER: _ClassVar[int]
+    PRESENTATION_DURATION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_START_TIME_FIELD_NUMBER: _ClassVar[int]
+    subject_id: str
+    species: str
+    sex: str
+    age: str
+    subject_description: str
+    session_description: str
+    experimenter: _containers.RepeatedScalarFieldContainer[str]
+    lab: str
+    institution: str
+    experiment_description: str
+    protocol: str
+    device_name: str
+    device_description: str
+    device_manufacturer: str
+    brain_area: str
+    response_units: str
+    presentation_duration: float
+    session_start_time: float
+    def __init__(self, subject_id: _Optional[str] = ..., species: _Optional[str] = ..., sex: _Optional[str] = ..., age: _Optional[str] = ..., subject_description: _Optional[str] = ..., session_description: _Optional[str] = ..., experimenter: _Optional[_Iterable[str]] = ..., lab: _Optional[str] = ..., institution: _Optional[str] = ..., experiment_description: _Optional[str] = ..., protocol: _Optional[str] = ..., device_name: _Optional[str] = ..., device_description: _Optional[str] = ..., device_manufacturer: _Optional[str] = ..., brain_area: _Optional[str] = ..., response_units: _Optional[str] = ..., presentation_duration: _Optional[float] = ..., session_start_time: _Optional[float] = ...) -> None: ...
 
 class AskRequest(_message.Message):
     __slots__ = ("session_id", "omit_images")
@@ -124,18 +166,20 @@ class ResponseRepeat(_message.Message):
     def __init__(self, rates: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StimulusResponse(_message.Message):
-    __slots__ = ("stimulus_id", "rates", "repeats", "onset_time", "duration")
+    __slots__ = ("stimulus_id", "rates", "repeats", "onset_time", "duration", "onset_known")
     STIMULUS_ID_FIELD_NUMBER: _ClassVar[int]
     RATES_FIELD_NUMBER: _ClassVar[int]
     REPEATS_FIELD_NUMBER: _ClassVar[int]
     ONSET_TIME_FIELD_NUMBER: _ClassVar[int]
     DURATION_FIELD_NUMBER: _ClassVar[int]
+    ONSET_KNOWN_FIELD_NUMBER: _ClassVar[int]
     stimulus_id: str
     rates: _containers.RepeatedScalarFieldContainer[float]
     repeats: _containers.RepeatedCompositeFieldContainer[ResponseRepeat]
     onset_time: float
     duration: float
-    def __init__(self, stimulus_id: _Optional[str] = ..., rates: _Optional[_Iterable[float]] = ..., repeats: _Optional[_Iterable[_Union[ResponseRepeat, _Mapping]]] = ..., onset_time: _Optional[float] = ..., duration: _Optional[float] = ...) -> None: ...
+    onset_known: bool
+    def __init__(self, stimulus_id: _Optional[str] = ..., rates: _Optional[_Iterable[float]] = ..., repeats: _Optional[_Iterable[_Union[ResponseRepeat, _Mapping]]] = ..., onset_time: _Optional[float] = ..., duration: _Optional[float] = ..., onset_known: _Optional[bool] = ...) -> None: ...
 
 class TellRequest(_message.Message):
     __slots__ = ("session_id", "generation", "responses", "partial")
@@ -242,14 +286,16 @@ class ClosedLoopSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., status: _Optional[str] = ..., settings: _Optional[_Union[CreateSessionRequest, _Mapping]] = ..., created_time: _Optional[float] = ..., updated_time: _Optional[float] = ..., generation: _Optional[int] = ..., pending: _Optional[bool] = ..., generations_told: _Optional[int] = ..., presentations_told: _Optional[int] = ..., best: _Optional[_Union[BestSoFar, _Mapping]] = ..., latent_dim: _Optional[int] = ..., natural_image_count: _Optional[int] = ...) -> None: ...
 
 class ExportSessionRequest(_message.Message):
-    __slots__ = ("session_id", "format", "omit_images")
+    __slots__ = ("session_id", "format", "omit_images", "metadata")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     OMIT_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     format: str
     omit_images: bool
-    def __init__(self, session_id: _Optional[str] = ..., format: _Optional[str] = ..., omit_images: _Optional[bool] = ...) -> None: ...
+    metadata: RecordingMetadata
+    def __init__(self, session_id: _Optional[str] = ..., format: _Optional[str] = ..., omit_images: _Optional[bool] = ..., metadata: _Optional[_Union[RecordingMetadata, _Mapping]] = ...) -> None: ...
 
 class ExportChunk(_message.Message):
     __slots__ = ("data", "filename", "total_bytes", "sha256")

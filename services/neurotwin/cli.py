@@ -11,7 +11,7 @@ import logging
 import sys
 
 from neurotwin import __version__
-from neurotwin.errors import NeurotwinError
+from neurotwin.errors import NeurotwinError, Unavailable
 
 # subcommand -> module under neurotwin.commands
 COMMANDS: dict[str, str] = {
@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "synthesize-all": "synthesize_all",
     "rig-sim": "rig_sim",
     "export": "export",
+    "export-session": "export_session",
 }
 
 SUMMARIES: dict[str, str] = {
@@ -42,18 +43,22 @@ SUMMARIES: dict[str, str] = {
     "synthesize-all": "synthesize preferred stimuli for every neuron of a twin (resumable, sharded)",
     "rig-sim": "run a closed-loop session against a simulated neuron",
     "export": "export a twin to other serving systems (TorchServe)",
+    "export-session": "export a journaled closed-loop session to NWB or HDF5, and a static report",
 }
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
-    parser = argparse.ArgumentParser(prog="neurotwin", description=__doc__.splitlines()[0])
+    # allow_abbrev=False everywhere: a prefix must never silently become another flag.
+    parser = argparse.ArgumentParser(
+        prog="neurotwin", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument("--version", action="version", version=f"neurotwin {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if a in COMMANDS), None)
     module = None
     for name, summary in SUMMARIES.items():
-        sub_parser = sub.add_parser(name, help=summary, description=summary)
+        sub_parser = sub.add_parser(name, help=summary, description=summary, allow_abbrev=False)
         if name == chosen:
             module = importlib.import_module(f"neurotwin.commands.{COMMANDS[name]}")
             module.configure(sub_parser)
@@ -74,7 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
+    except Unavailable as exc:
+        address = getattr(args, "address", None)
+        where = f"no neurotwin server reachable at {address}: " if address else ""
+        print(f"neurotwin {args.command}: error: {where}{exc}", file=sys.stderr)
+        return 1
     except NeurotwinError as exc:
+        print(f"neurotwin {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # Files and sockets: a missing folder, no permission, a full disk. One line, no traceback.
         print(f"neurotwin {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

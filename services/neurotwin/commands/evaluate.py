@@ -1,6 +1,8 @@
-"""``neurotwin evaluate MODEL DATA``: score a stored ONNX twin on a recording through ONNX Runtime.
+"""``neurotwin evaluate DATA --model NAME[:VERSION]``: score a stored ONNX twin on a recording through
+ONNX Runtime.
 
-MODEL is a predictor name in the store, a model folder (its latest version) or a version folder.
+``--model`` is a predictor name in the store (with an optional version), a model folder (its latest
+version) or a version folder. The old form ``evaluate MODEL DATA`` still works, with a notice.
 By default every image of the recording is scored; ``--part test`` (or val/train) uses the split recorded
 in the model's card, which requires the same recording (checked by its sha256).
 """
@@ -9,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from neurotwin.commands.models import add_store_argument, resolve_predictor
+from neurotwin.commands._options import add_model, add_model_store, model_ref, parse_model_ref
+from neurotwin.commands.models import resolve_predictor
 from neurotwin.errors import InvalidInput
 from neurotwin.store import validate_predictor
 
@@ -21,12 +25,18 @@ HELP = "evaluate a stored twin on a recording"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="predictor name, model folder or version folder")
-    parser.add_argument("data", metavar="DATA", help="recording (any format `neurotwin train` reads)")
+    # nargs="+" only so that the old "evaluate MODEL DATA" can still be recognised (see _positionals).
+    parser.add_argument(
+        "data", nargs="+", metavar="DATA", help="recording (any format `neurotwin train` reads)"
+    )
+    add_model(
+        parser,
+        help="twin NAME[:VERSION] in the model store, or a model or version folder",
+        required=False,
+    )
+    add_model_store(parser)
     parser.add_argument("--responses", default=None, help="responses .npy for a zip/folder of images")
     parser.add_argument("--session", default=None, help="session id in a sessions folder")
-    parser.add_argument("--version", type=int, default=None, help="store version (default: latest)")
-    add_store_argument(parser)
     parser.add_argument(
         "--part",
         choices=("all", "test", "val", "train"),
@@ -42,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from neurotwin.training.evaluate import headline, summarize
     from neurotwin.training.export import onnx_predict, ort_session
 
-    version = resolve_predictor(args.model, args.store, args.version)
+    _positionals(args)
+    version = resolve_predictor(model_ref(args), args)
     card = validate_predictor(version)
     recording = load_recording(args.data, responses=args.responses, session=args.session)
     if recording.n_neurons != card.neuron_count:
@@ -85,3 +96,19 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"report {page}")
     return 0
+
+
+def _positionals(args: argparse.Namespace) -> None:
+    """DATA alone, or the old ``MODEL DATA`` (with a notice) when --model is not given."""
+    if len(args.data) == 2 and args.model is None:
+        print(
+            "neurotwin: 'evaluate MODEL DATA' is deprecated; use 'evaluate DATA --model MODEL'",
+            file=sys.stderr,
+        )
+        args.model = parse_model_ref(args.data[0])
+        args.data = args.data[1:]
+    if len(args.data) != 1:
+        raise InvalidInput(f"expected one recording, got {len(args.data)}: {' '.join(args.data)}")
+    if args.model is None:
+        raise InvalidInput("--model NAME[:VERSION] is required")
+    args.data = args.data[0]

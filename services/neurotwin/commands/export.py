@@ -1,8 +1,10 @@
-"""``neurotwin export torchserve MODEL``: package a stored twin as a TorchServe model archive (.mar).
+"""``neurotwin export torchserve --model NAME[:VERSION]``: package a stored twin as a TorchServe model
+archive (.mar).
 
 The archive holds the twin's ONNX graph, its card, a ``model-config.yaml`` with TorchServe's batching
-and worker settings, and ``neurotwin/training/torchserve_handler.py``, which runs the graph with ONNX
-Runtime and answers with the same rates as ``neurotwin serve predictor``.
+and worker settings, ``requirements.txt`` (the handler's own packages, which TorchServe installs with
+``install_py_dep_per_model=true``), and ``neurotwin/training/torchserve_handler.py``, which runs the
+graph with ONNX Runtime and answers with the same rates as ``neurotwin serve predictor``.
 """
 
 from __future__ import annotations
@@ -16,11 +18,23 @@ import sys
 import tempfile
 from pathlib import Path
 
+from neurotwin.commands._options import (
+    add_model,
+    add_model_store,
+    model_ref,
+    open_store,
+    parse_model_ref,
+    resolve,
+    subparser_options,
+)
 from neurotwin.errors import FailedPrecondition, InvalidInput
 from neurotwin.store import PREDICTORS, ModelStore, validate_predictor
 
 HELP = "export a twin to other serving systems (TorchServe)"
 HANDLER_MODULE = "neurotwin.training.torchserve_handler"
+# What the handler imports beyond the standard library (TorchServe's worker itself also needs torch
+# and pyyaml, which its wheel does not declare: deploy/README.md lists the full set).
+HANDLER_REQUIREMENTS = ("numpy>=1.26", "Pillow>=10", "onnxruntime>=1.18")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -29,14 +43,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "torchserve",
         help="write <out>/<name>.mar for TorchServe",
         description="Package a stored twin as a TorchServe model archive (.mar).",
+        **subparser_options(),
     )
-    ts.add_argument("model", metavar="MODEL", help="predictor name in the model store")
-    ts.add_argument("--version", type=int, default=None, help="store version (default: the latest)")
-    ts.add_argument(
-        "--store",
-        default=None,
-        help="model store root (default: $NEUROTWIN_MODEL_STORE or ./model_store)",
-    )
+    add_model(ts, required=False)
+    # The old positional MODEL, kept for scripts (with a notice; see run()).
+    ts.add_argument("legacy_model", nargs="?", type=parse_model_ref, default=None, help=argparse.SUPPRESS)
+    add_model_store(ts)
     ts.add_argument("--out", default=None, help="folder for the .mar (default: <store>/torchserve)")
     ts.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize (default 8)")
     ts.add_argument(
@@ -100,6 +112,8 @@ def export_torchserve(
     try:
         config_file = staging / "model-config.yaml"
         config_file.write_text(config_text)
+        requirements = staging / "requirements.txt"
+        requirements.write_text("".join(f"{line}\n" for line in HANDLER_REQUIREMENTS))
         # The archiver copies its inputs to $TMPDIR/<model name>; a private TMPDIR keeps two
         # exports of the same name (parallel tests, two users) from trampling each other.
         scratch = staging / "tmp"
@@ -120,6 +134,8 @@ def export_torchserve(
             str(model.card_path),
             "--config-file",
             str(config_file),
+            "--requirements-file",
+            str(requirements),
             "--export-path",
             str(staging),
             "--force",
@@ -139,11 +155,20 @@ def export_torchserve(
 
 
 def run(args: argparse.Namespace) -> int:
-    store = args.store or os.environ.get("NEUROTWIN_MODEL_STORE") or "model_store"
+    if args.legacy_model is not None:
+        if args.model is not None:
+            raise InvalidInput("give the twin once, as --model NAME[:VERSION]")
+        print("neurotwin: 'export torchserve MODEL' is deprecated; use --model MODEL", file=sys.stderr)
+        args.model = args.legacy_model
+    ref = model_ref(args)
+    if ref is None:
+        raise InvalidInput("--model NAME[:VERSION] is required")
+    store = open_store(args, (PREDICTORS,))
+    resolve(store, PREDICTORS, ref)
     path = export_torchserve(
-        store,
-        args.model,
-        version=args.version,
+        store.root,
+        ref.name,
+        version=ref.version,
         out=args.out,
         batch_size=args.batch_size,
         max_batch_delay_ms=args.max_batch_delay_ms,

@@ -1,6 +1,6 @@
-"""``neurotwin models [--store DIR]``: list predictors and generators with versions and key metrics.
+"""``neurotwin models [--model-store DIR]``: list predictors and generators with versions and key metrics.
 
-Also holds the small helpers the other store commands share (store root, model lookup).
+Also holds the predictor lookup the other store commands share (a name in the store or a folder).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from neurotwin.commands._options import ModelRef, add_model_store, open_store, resolve
 from neurotwin.errors import InvalidInput, NeurotwinError, NotFound
 from neurotwin.store import (
     CARD_FILE,
@@ -19,46 +20,33 @@ from neurotwin.store import (
     PREDICTORS,
     ModelStore,
     ModelVersion,
+    default_store_root,
     validate_generator,
     validate_predictor,
 )
 
 HELP = "list the model store"
-DEFAULT_STORE = "model_store"
+__all__ = ["default_store_root", "resolve_predictor"]
 
 
-def default_store_root() -> str:
-    return os.environ.get("NEUROTWIN_MODEL_STORE") or DEFAULT_STORE
-
-
-def add_store_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--store", default=None, help="model store root (default: $NEUROTWIN_MODEL_STORE or ./model_store)"
-    )
-
-
-def open_store(arg: str | None) -> ModelStore:
-    return ModelStore(arg or default_store_root())
-
-
-def resolve_predictor(spec: str, store_arg: str | None, version: int | None = None) -> ModelVersion:
+def resolve_predictor(ref: ModelRef, args: argparse.Namespace) -> ModelVersion:
     """A predictor given as a version folder (model.onnx + card.json), a model folder (its latest
-    version, or ``version``), or a name in the store."""
-    path = Path(spec)
+    version, or ``ref.version``), or a name in the store."""
+    path = Path(ref.name)
     if path.is_dir():
         if (path / MODEL_FILES[PREDICTORS]).is_file() or (path / CARD_FILE).is_file():
-            if version is not None:
-                raise InvalidInput(f"{spec} is one version's folder; --version does not apply")
+            if ref.version is not None:
+                raise InvalidInput(f"{ref.name} is one version's folder; a :VERSION does not apply")
             number = int(path.name) if path.name.isdigit() else 0
             return ModelVersion(PREDICTORS, path.parent.name, number, path)
-        return ModelStore(path.parent.parent).resolve(PREDICTORS, path.name, version)
-    if "/" in spec or os.sep in spec:
-        raise NotFound(f"{spec}: no such model folder")
-    return open_store(store_arg).resolve(PREDICTORS, spec, version)
+        return ModelStore(path.parent.parent).resolve(PREDICTORS, path.name, ref.version)
+    if "/" in ref.name or os.sep in ref.name:
+        raise NotFound(f"{ref.name}: no such model folder")
+    return resolve(open_store(args, (PREDICTORS,)), PREDICTORS, ref)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_store_argument(parser)
+    add_model_store(parser)
     parser.add_argument("--json", action="store_true", help="print the listing as JSON")
 
 
@@ -119,7 +107,8 @@ def _fmt(value: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    store = open_store(args.store)
+    # A missing folder is an error (a typo, or the wrong directory); an existing empty store is listed.
+    store = open_store(args, kinds=())
     rows = listing(store)
     if args.json:
         print(json.dumps({"store": str(store.root), "models": rows}, indent=1))

@@ -1,13 +1,14 @@
-"""``neurotwin predict IMAGE... --model NAME``: firing rates for image files from a running service."""
+"""``neurotwin predict IMAGE... --model NAME[:VERSION]``: firing rates for image files from a running
+service, with their units (the model card's ``output.units``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from neurotwin.commands._options import add_connection, add_model, channel_config, default_address, model_ref
 from neurotwin.errors import InvalidInput
 
 HELP = "predict firing rates for image files through a running service"
@@ -17,12 +18,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "images", nargs="+", metavar="IMAGE", help="PNG or JPEG files at the model's input size"
     )
-    parser.add_argument("--model", required=True, help="predictor name")
-    parser.add_argument("--version", type=int, default=None, help="model version (default: newest served)")
-    parser.add_argument(
-        "--address",
-        default=os.environ.get("NEUROTWIN_ADDRESS", "127.0.0.1:8001"),
-        help="server host:port (default $NEUROTWIN_ADDRESS or 127.0.0.1:8001)",
+    add_model(parser, help="twin NAME[:VERSION] (no version: the newest the server serves)")
+    add_connection(
+        parser,
+        "server HOST:PORT (default: $NEUROTWIN_ADDRESS, else 127.0.0.1:8001)",
+        default_address(),
     )
     parser.add_argument(
         "--neurons",
@@ -30,15 +30,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NEURON",
         help="neuron ids, or 0-based indices, to return (default: all)",
-    )
-    parser.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
-    parser.add_argument("--tls-ca", help="CA certificate (PEM) to trust; implies TLS")
-    parser.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
-    parser.add_argument("--tls-key", help="client key (PEM) for mutual TLS")
-    parser.add_argument(
-        "--token",
-        default=os.environ.get("NEUROTWIN_TOKEN"),
-        help="bearer token (default $NEUROTWIN_TOKEN)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -78,37 +69,42 @@ def _fit(data: bytes, name: str, height: int, width: int) -> bytes:
     return encode_png(resize_uint8(decode_image(data, what=name), height, width))
 
 
-def run(args: argparse.Namespace) -> int:
-    from neurotwin.client import ChannelConfig, PredictorClient
+def _read_images(names: list[str]) -> list[bytes]:
+    """The files' bytes, each checked to decode here, so a bad file is named rather than numbered."""
+    from neurotwin.imagecodec import decode_image
 
-    encoded: list[bytes] = []
-    for name in args.images:
+    encoded = []
+    for name in names:
         try:
-            encoded.append(Path(name).read_bytes())
+            data = Path(name).read_bytes()
         except OSError as exc:
-            raise InvalidInput(f"{name}: {exc}") from exc
-    config = ChannelConfig(
-        address=args.address,
-        tls=args.tls,
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        token=args.token,
-    )
-    with PredictorClient(config=config, timeout=args.timeout) as client:
+            raise InvalidInput(f"{name}: cannot read ({exc.strerror or exc})") from exc
+        decode_image(data, what=name)
+        encoded.append(data)
+    return encoded
+
+
+def run(args: argparse.Namespace) -> int:
+    from neurotwin.client import PredictorClient
+
+    ref = model_ref(args)
+    assert ref is not None  # --model is required
+    encoded = _read_images(args.images)
+    with PredictorClient(config=channel_config(args), timeout=args.timeout) as client:
+        # The card travels with the model's details: its units label the rates.
+        details = client.get_model(ref.name, ref.version)
         if args.resize:
-            details = client.get_model(args.model, args.version)
             encoded = [
                 _fit(data, name, details.input_height, details.input_width)
                 for data, name in zip(encoded, args.images, strict=True)
             ]
-        result = client.predict(
-            encoded, model=args.model, version=args.version, neurons=_neurons(args.neurons)
-        )
+        result = client.predict(encoded, model=ref.name, version=ref.version, neurons=_neurons(args.neurons))
+    units = details.card.output.units
     if args.json:
         payload = {
             "model": result.model,
             "version": result.version,
+            "units": units,
             "neuron_ids": result.neuron_ids,
             "images": list(args.images),
             "rates": result.rates.tolist(),
@@ -117,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         header = (
-            f"model {result.model} v{result.version}: predicted rates, "
+            f"model {result.model} v{result.version}: predicted rates in {units}, "
             f"{len(result.neuron_ids)} neurons x {len(args.images)} images"
         )
         print(format_table(list(args.images), result.neuron_ids, result.rates, header))

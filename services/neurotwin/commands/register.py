@@ -1,4 +1,4 @@
-"""``neurotwin register MODEL.onnx --name NAME``: import an ONNX predictor trained elsewhere.
+"""``neurotwin register MODEL.onnx --model NAME``: import an ONNX predictor trained elsewhere.
 
 The graph must take uint8 images [N, H, W, 3] and return float rates [N, K] (opset >= 17). Its card is
 written from the graph; with ``--images`` it also gets per-neuron predicted max and 99th percentile over
@@ -10,16 +10,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from neurotwin.commands.models import add_store_argument, open_store
+from neurotwin.commands._options import add_alias, add_model_store, parse_model_ref, store_root
 from neurotwin.errors import InvalidInput
+from neurotwin.store import ModelStore
 
 HELP = "import an ONNX predictor trained elsewhere as a new store version"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL.onnx", help="ONNX graph: uint8 [N, H, W, 3] -> float [N, K]")
-    parser.add_argument("--name", required=True, help="predictor name in the store")
-    add_store_argument(parser)
+    parser.add_argument("file", metavar="MODEL.onnx", help="ONNX graph: uint8 [N, H, W, 3] -> float [N, K]")
+    parser.add_argument(
+        "--model",
+        type=parse_model_ref,
+        required=True,
+        metavar="NAME",
+        help="twin name in the store (the next version of it is written)",
+    )
+    add_alias(parser, "--name", "model", "--model NAME", type=parse_model_ref)
+    add_model_store(parser, "model store root to add the twin to")
     parser.add_argument("--images", default=None, help="folder or zip of reference images (natural stimuli)")
     parser.add_argument(
         "--neuron-ids",
@@ -59,10 +67,12 @@ def _size(text: str | None) -> tuple[int, int] | None:
 def run(args: argparse.Namespace) -> int:
     from neurotwin.training.register import register_onnx
 
+    if args.model.version is not None:
+        raise InvalidInput(f"--model {args.model}: register adds the next version; give the name alone")
     version, card = register_onnx(
-        args.model,
-        name=args.name,
-        store=open_store(args.store),
+        args.file,
+        name=args.model.name,
+        store=ModelStore(store_root(args)),
         images=args.images,
         neuron_ids=_neuron_ids(args.neuron_ids),
         size=_size(args.size),
@@ -71,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     )
     stats = "" if card.neuron_stats is None else f", statistics over {card.neuron_stats.image_count} images"
     print(
-        f"registered {args.model} as {version}: {card.neuron_count} neurons, "
+        f"registered {args.file} as {version}: {card.neuron_count} neurons, "
         f"input {card.input.height}x{card.input.width}{stats}"
     )
     print(f"  wrote {version.model_path} and {version.card_path}")

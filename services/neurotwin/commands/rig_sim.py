@@ -24,40 +24,51 @@ from typing import Any
 
 import numpy as np
 
+from neurotwin.commands._options import (
+    ModelRef,
+    add_alias,
+    add_connection,
+    add_generator,
+    add_metadata_flags,
+    add_model,
+    add_model_store,
+    channel_config,
+    check_store,
+    generator_ref,
+    metadata_from_args,
+    model_ref,
+    parse_model_ref,
+    resolve,
+    store_root,
+)
 from neurotwin.errors import InvalidInput
 
 HELP = "run a closed-loop session against a simulated neuron"
 
 
-def _model(text: str) -> tuple[str, int]:
-    name, _, version = text.partition(":")
-    if not name or (version and not version.isdigit()):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME or NAME:VERSION")
-    return name, int(version or 0)
+# The species the bundled twins model: genus Macaca (NCBI taxonomy 9539), since the recordings they
+# were trained on name the animals macaques without the species.
+DEFAULT_SPECIES = "http://purl.obolibrary.org/obo/NCBITaxon_9539"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--twin", type=_model, required=True, help="predictor playing the neurons: NAME[:VERSION]"
+    add_model(
+        parser,
+        help="twin NAME[:VERSION] whose outputs play the neurons (no version: the newest)",
+        required=False,
+        aliases=("--twin",),
+        version_aliases=(),
     )
     parser.add_argument(
         "--neuron", type=int, nargs="+", default=[0], help="target neuron index(es) of the twin (default 0)"
     )
-    parser.add_argument(
-        "--model-store", default=None, help="model store (default: $NEUROTWIN_MODEL_STORE or ./model_store)"
-    )
-    parser.add_argument(
-        "--address", default="", help="a running server HOST:PORT (default: start one in-process)"
-    )
-    parser.add_argument("--token", default=None, help="bearer token for --address")
-    parser.add_argument("--tls-ca", default=None, help="CA certificate for a TLS --address")
+    add_model_store(parser, legacy=False)
+    add_connection(parser, "a running closed-loop server (default: start one in this process)", None)
     parser.add_argument(
         "--journal", default="", help="in-process server's journal (default: a temporary file)"
     )
     parser.add_argument("--session-id", default="", help="create with this id, or resume it if it exists")
-    parser.add_argument(
-        "--generator", type=_model, default=None, help="generator NAME[:VERSION] (server default)"
-    )
+    add_generator(parser)
     parser.add_argument("--optimizer", default="cma-es", choices=["cma-es", "ga"])
     parser.add_argument("--population", type=int, default=40, help="synthetic images per generation (40)")
     parser.add_argument("--generations", type=int, default=75, help="generations to run (75)")
@@ -77,8 +88,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=0, help="image side in px (generator's)")
     parser.add_argument("--image-format", default="png", choices=["png", "jpeg"])
     parser.add_argument(
-        "--guide-twin", type=_model, default=None, help="twin guidance: predictor NAME[:VERSION]"
+        "--guide-model",
+        type=parse_model_ref,
+        default=None,
+        metavar="NAME[:VERSION]",
+        help="twin guidance: rank candidates with this twin",
     )
+    add_alias(parser, "--guide-twin", "guide_model", "--guide-model", type=parse_model_ref)
     parser.add_argument(
         "--guide-neuron",
         type=int,
@@ -92,12 +108,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refit", action="store_true", help="refit the guide's readout online")
     parser.add_argument("--stop-after", type=int, default=0, help="leave after telling this many generations")
     parser.add_argument("--export", default="", help="write the session to this .nwb or .h5 file at the end")
+    parser.add_argument(
+        "--report",
+        default="",
+        metavar="DIR",
+        help="write a static HTML report with figures (and the NWB export, unless --export) to DIR",
+    )
     parser.add_argument("--every", type=int, default=1, help="print progress every N generations")
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
         help="torch/BLAS threads of this process and its in-process server (1)",
+    )
+    add_metadata_flags(
+        parser,
+        "defaults: subject 'virtual-<twin>', species genus Macaca, sex U, units from the twin's card, "
+        "presentation time from --presentation-ms",
     )
 
 
@@ -212,7 +239,9 @@ def simulate(
         onsets = {s.stimulus_id: clock + i * step for i, s in enumerate(gen.stimuli)}
         clock += len(gen.stimuli) * step
         started, cpu = time.perf_counter(), time.process_time()
-        summary = client.tell(session_id, gen.generation, payload, onsets=onsets)
+        # Each repeat lasts one presentation time; the onset is that of the first repeat.
+        durations = dict.fromkeys(onsets, neurons.presentation_ms / 1000.0)
+        summary = client.tell(session_id, gen.generation, payload, onsets=onsets, durations=durations)
         tell_s.append(time.perf_counter() - started)
         tell_cpu.append(time.process_time() - cpu)
         told += 1
@@ -278,37 +307,87 @@ def _natural_bytes(path: str) -> list[bytes]:
     return [data for _, data in _natural_entries(Path(path))]
 
 
-def _store_root(args: argparse.Namespace) -> str:
-    import os
+def _metadata(args: argparse.Namespace, twin: Any, ref: ModelRef, version: int) -> dict[str, Any]:
+    """What the rig tells the server about its (virtual) subject, with the simulation's defaults."""
+    return metadata_from_args(
+        args,
+        subject_id=f"virtual-{ref.name}",
+        species=DEFAULT_SPECIES,
+        sex="U",
+        subject_description=f"virtual neurons: outputs of twin {ref.name} v{version} as true "
+        f"rates, seen through Poisson spike counts over {args.presentation_ms:g} ms",
+        device_name="rig-sim",
+        device_description="no recording device: neurotwin rig-sim simulated the responses",
+        response_units=twin.card.output.units,
+        presentation_duration=args.presentation_ms / 1000.0,
+    )
 
-    return args.model_store or os.environ.get("NEUROTWIN_MODEL_STORE", "model_store")
+
+def _create(
+    client: Any, args: argparse.Namespace, twin: Any, neurons: VirtualNeurons, ref: ModelRef, version: int
+) -> Any:
+    generator = generator_ref(args)
+    guide: ModelRef | None = args.guide_model
+    return client.create_session(
+        session_id=args.session_id,
+        neuron_count=neurons.neurons,
+        neuron_ids=list(twin.card.neuron_ids),
+        target_neurons=args.neuron,
+        generator=(generator.name, generator.version or 0) if generator else None,
+        optimizer=args.optimizer,
+        population_size=args.population,
+        natural_per_generation=args.natural_per_generation,
+        natural_source=args.natural_source,
+        natural_images=_natural_bytes(args.natural) if args.natural else (),
+        objective=args.objective,
+        seed=args.seed,
+        max_generations=args.generations,
+        image_size=args.image_size,
+        image_format=args.image_format,
+        twin=(guide.name, guide.version or 0) if guide else None,
+        twin_neurons=args.guide_neuron,
+        candidates_per_presentation=args.candidates if guide else 0,
+        refit_readout=args.refit,
+        description=f"rig-sim: virtual neurons {args.neuron} of {ref}, Poisson noise, "
+        f"{args.presentation_ms:g} ms presentations",
+        metadata=_metadata(args, twin, ref, version),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from neurotwin.client.closed_loop import ClosedLoopClient
     from neurotwin.errors import NotFound
+    from neurotwin.store import PREDICTORS
 
     if args.natural and args.natural_source:
         raise InvalidInput("give --natural or --natural-source, not both")
-    store = _store_root(args)
+    ref = model_ref(args)
+    if ref is None:
+        raise InvalidInput("--model NAME[:VERSION] is required (the twin that plays the neurons)")
+    store = store_root(args)
+    version = resolve(check_store(store, (PREDICTORS,)), PREDICTORS, ref).version
     if args.threads > 0:
         from neurotwin.server.closed_loop import limit_threads
 
         limit_threads(args.threads)
-    twin = load_twin(store, *args.twin)
+    twin = load_twin(store, ref.name, version)
     neurons = VirtualNeurons(twin, args.presentation_ms, args.noise_seed)
     bad = [n for n in args.neuron if not 0 <= n < neurons.neurons]
     if bad:
-        raise InvalidInput(f"--neuron {bad}: twin {args.twin[0]} has {neurons.neurons} neurons")
+        raise InvalidInput(f"--neuron {bad}: twin {ref.name} has {neurons.neurons} neurons")
     with contextlib.ExitStack() as stack:
         address = args.address
+        journal = ""
         if not address:
             journal = args.journal or str(
                 Path(stack.enter_context(tempfile.TemporaryDirectory())) / "journal.sqlite3"
             )
             address = stack.enter_context(in_process_server(store, journal))
+            args.address = address
             print(f"rig-sim: in-process server on {address}, journal {journal}", flush=True)
-        client = stack.enter_context(ClosedLoopClient(address, token=args.token, tls_ca=args.tls_ca))
+        elif args.journal:
+            raise InvalidInput("--journal is the in-process server's; a server at --address keeps its own")
+        client = stack.enter_context(ClosedLoopClient(config=channel_config(args)))
         session_id = args.session_id
         resumed = False
         if session_id:
@@ -319,29 +398,7 @@ def run(args: argparse.Namespace) -> int:
             except NotFound:
                 pass
         if not resumed:
-            info = client.create_session(
-                session_id=session_id,
-                neuron_count=neurons.neurons,
-                neuron_ids=list(twin.card.neuron_ids),
-                target_neurons=args.neuron,
-                generator=args.generator,
-                optimizer=args.optimizer,
-                population_size=args.population,
-                natural_per_generation=args.natural_per_generation,
-                natural_source=args.natural_source,
-                natural_images=_natural_bytes(args.natural) if args.natural else (),
-                objective=args.objective,
-                seed=args.seed,
-                max_generations=args.generations,
-                image_size=args.image_size,
-                image_format=args.image_format,
-                twin=args.guide_twin,
-                twin_neurons=args.guide_neuron,
-                candidates_per_presentation=args.candidates if args.guide_twin else 0,
-                refit_readout=args.refit,
-                description=f"rig-sim: virtual neurons {args.neuron} of {args.twin[0]}, Poisson noise, "
-                f"{args.presentation_ms:g} ms presentations",
-            )
+            info = _create(client, args, twin, neurons, ref, version)
             session_id = info.session_id
             print(
                 f"rig-sim: session {session_id} ({info.settings.optimizer}, population "
@@ -369,11 +426,46 @@ def run(args: argparse.Namespace) -> int:
             f"Ask p50 {ask_ms:.1f} ms, Tell p50 {tell_ms:.1f} ms",
             flush=True,
         )
+        exports: list[Path] = []
         if args.export:
-            fmt = "hdf5" if Path(args.export).suffix.lower() in (".h5", ".hdf5") else "nwb"
-            path = client.export_session(session_id, args.export, fmt)
-            print(f"rig-sim: exported to {path}", flush=True)
+            exports.append(_export(client, session_id, Path(args.export)))
+        if args.report:
+            folder = Path(args.report)
+            folder.mkdir(parents=True, exist_ok=True)
+            if not exports:
+                exports.append(_export(client, session_id, folder / f"{session_id}.nwb"))
+            page = _report(client, session_id, folder, exports, journal)
+            print(f"rig-sim: report {page}", flush=True)
     return 0
+
+
+def _export(client: Any, session_id: str, path: Path) -> Path:
+    fmt = "hdf5" if path.suffix.lower() in (".h5", ".hdf5") else "nwb"
+    written = client.export_session(session_id, path, fmt)
+    print(f"rig-sim: exported to {written}", flush=True)
+    return Path(written)
+
+
+def _report(client: Any, session_id: str, folder: Path, exports: list[Path], journal: str) -> Path:
+    """The static report, from the in-process server's journal, or from an HDF5 export of a remote
+    server's session (the one file that carries everything the report shows)."""
+    from neurotwin.engines.journal import open_journal
+    from neurotwin.engines.session_export import collect
+    from neurotwin.engines.session_import import read_hdf5
+    from neurotwin.reports.session_report import write_session_report
+
+    if journal:
+        reader = open_journal(journal)
+        try:
+            data = collect(reader, session_id)
+        finally:
+            reader.close()
+    else:
+        copy = folder / f"{session_id}.h5"
+        if copy not in exports:
+            exports.append(_export(client, session_id, copy))
+        data = read_hdf5(copy)
+    return write_session_report(data, folder, exports=exports)
 
 
 if __name__ == "__main__":  # pragma: no cover

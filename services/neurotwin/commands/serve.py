@@ -16,8 +16,10 @@ import importlib
 import logging
 from types import ModuleType
 
+from neurotwin.commands._options import add_model_store, check_store
 from neurotwin.errors import InvalidInput
 from neurotwin.server.config import ServerSettings, load_settings, read_config_file
+from neurotwin.store import GENERATORS, PREDICTORS
 
 HELP = "run the gRPC services (and the HTTP/REST API with --http-port)"
 SERVICES = {
@@ -25,6 +27,9 @@ SERVICES = {
     "synthesizer": "neurotwin.server.synthesizer",
     "closed-loop": "neurotwin.server.closed_loop",
 }
+# What each service cannot start without: a store holding none of these is a mistake (a wrong
+# --model-store or working directory), better said at once than as "not found" on the first call.
+NEEDS = {"predictor": (PREDICTORS,), "synthesizer": (PREDICTORS,), "closed-loop": (GENERATORS,)}
 log = logging.getLogger("neurotwin.serve")
 
 
@@ -53,12 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"one or more of {', '.join(SERVICES)}, or 'all'",
     )
     parser.add_argument("--config", help="YAML or JSON file with sections server, predictor, ...")
-    parser.add_argument(
-        "--model-store",
-        dest="model_store",
-        default=None,
-        help="model store root for every service (default: $NEUROTWIN_MODEL_STORE or ./model_store)",
-    )
+    add_model_store(parser, "model store root for every service", legacy=False)
     add_server_flags(parser)
     for name, module_path in SERVICES.items():
         module = importlib.import_module(module_path)
@@ -89,19 +89,36 @@ def build_server(args: argparse.Namespace) -> object:
         key.removeprefix("server_"): value for key, value in vars(args).items() if key.startswith("server_")
     }
     server = GrpcServer(load_settings(ServerSettings, "server", file_data, server_overrides))
-    for module in _modules(args.services):
+    chosen = _modules(args.services)
+    loaded = []
+    for module in chosen:
         overrides = {
             f.name: getattr(args, _dest(module, f.name), None) for f in dataclasses.fields(module.Settings)
         }
         settings = load_settings(module.Settings, module.SECTION, file_data, overrides)
+        check_store(settings.model_store, NEEDS[_service_name(module)])
+        loaded.append((module, settings))
+    for module, settings in loaded:
         module.attach(server, settings)
     return server
+
+
+def _service_name(module: ModuleType) -> str:
+    return next(name for name, path in SERVICES.items() if path == module.__name__)
 
 
 def run(args: argparse.Namespace) -> int:
     server = build_server(args)
     server.install_signal_handlers()
-    server.start()
+    try:
+        server.start()
+    except OSError as exc:
+        # The gRPC listeners report their own ports; this is one of the plain sockets (metrics).
+        s = server.settings
+        raise InvalidInput(
+            f"cannot listen: {exc.strerror or exc} (ports: gRPC {s.port}, metrics {s.metrics_port}, "
+            f"health {s.health_port}; is another server running?)"
+        ) from exc
     print(
         f"neurotwin: serving {', '.join(args.services)} on {server.settings.host}:{server.port}"
         + (f", HTTP on :{server.http_port}" if server.http_port is not None else "")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import re
 import sys
 import zipfile
@@ -22,7 +21,20 @@ from typing import Any
 
 import numpy as np
 
+from neurotwin.commands._options import (
+    add_connection,
+    add_generator,
+    add_model,
+    add_model_store,
+    channel_config,
+    check_store,
+    generator_ref,
+    model_ref,
+    resolve,
+    store_root,
+)
 from neurotwin.errors import DataError, InvalidInput, NeurotwinError
+from neurotwin.store import PREDICTORS
 
 HELP = "synthesize preferred stimuli for a neuron"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -31,8 +43,7 @@ CAPTION = 30  # caption band under each cell
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="twin (predictor) name in the model store")
-    parser.add_argument("--model-version", type=int, default=0, help="twin version (default: newest)")
+    add_model(parser, version_aliases=("--model-version",))
     parser.add_argument(
         "--neuron",
         required=True,
@@ -42,12 +53,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--method", choices=("gradient", "cmaes", "genetic"), default="gradient")
-    parser.add_argument(
-        "--generator",
-        default="",
-        help="generator name in the store, or 'pixels' for no generator (default: the default generator)",
+    add_generator(
+        parser,
+        help="generator NAME[:VERSION] in the store, or 'pixels' for no generator (default: the "
+        "synthesizer's default generator)",
     )
-    parser.add_argument("--generator-version", type=int, default=0)
     parser.add_argument(
         "--objective",
         choices=("single", "weighted", "one_hot"),
@@ -77,22 +87,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--session", default=None, help="session of a recording root given with --data")
     parser.add_argument("--top", type=int, default=0, help="top natural images shown (default: --num-images)")
-    parser.add_argument(
-        "--model-store",
-        default=os.environ.get("NEUROTWIN_MODEL_STORE", "model_store"),
-        help="model store root (default $NEUROTWIN_MODEL_STORE or ./model_store)",
-    )
+    add_model_store(parser, legacy=False)
     parser.add_argument("--device", default="auto", help="in-process engine device: auto, cpu or cuda")
-    parser.add_argument(
-        "--address",
-        default=None,
-        help="host:port of a synthesizer service to use (default: run the engine in this process)",
-    )
-    parser.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
-    parser.add_argument("--tls-ca", help="CA certificate (PEM) to trust; implies TLS")
-    parser.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
-    parser.add_argument("--tls-key", help="client key (PEM) for mutual TLS")
-    parser.add_argument("--token", default=os.environ.get("NEUROTWIN_TOKEN"), help="bearer token")
+    add_connection(parser, "a synthesizer service to use (default: run the engine in this process)", None)
     parser.add_argument(
         "--timeout", type=float, default=None, help="seconds before giving up (default: none)"
     )
@@ -232,18 +229,9 @@ def _events(args: argparse.Namespace) -> Any:
 
     request = build_request(args.model, _neuron_values(args.neuron), **_request_options(args))
     if args.address:
-        from neurotwin.client._channel import ChannelConfig
         from neurotwin.client.synthesizer import SynthesizerClient
 
-        config = ChannelConfig(
-            address=args.address,
-            tls=args.tls,
-            tls_ca=args.tls_ca,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            token=args.token,
-        )
-        client = SynthesizerClient(config=config, timeout=args.timeout)
+        client = SynthesizerClient(config=channel_config(args), timeout=args.timeout)
         return client.stream_request(request), client.close
     import time
 
@@ -285,6 +273,7 @@ class _Bar:
 def run(args: argparse.Namespace) -> int:
     from neurotwin.client.synthesizer import Progress, Synthesis, collect
 
+    _normalize(args)
     if args.num_images < 1:
         raise InvalidInput("--num-images must be at least 1")
     out: Path = args.out
@@ -364,19 +353,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _normalize(args: argparse.Namespace) -> None:
+    """NAME[:VERSION] flags into the name/version fields the request builder takes."""
+    twin, generator = model_ref(args), generator_ref(args)
+    assert twin is not None  # --model is required
+    args.model, args.model_version = twin.name, twin.version or 0
+    args.generator = generator.name if generator else ""
+    args.generator_version = generator.version or 0 if generator else 0
+    args.model_store = store_root(args)
+    if not args.address:
+        # In this process the store must hold the twin; a server checks its own store.
+        resolve(check_store(args.model_store, (PREDICTORS,)), PREDICTORS, twin)
+
+
 def _remote_scorer(args: argparse.Namespace) -> Callable[[np.ndarray], np.ndarray]:
     """Score natural images with the predictor service at --address (when the twin is not local)."""
-    from neurotwin.client import ChannelConfig, PredictorClient
+    from neurotwin.client import PredictorClient
 
-    config = ChannelConfig(
-        address=args.address,
-        tls=args.tls,
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        token=args.token,
-    )
-    client = PredictorClient(config=config)
+    client = PredictorClient(config=channel_config(args))
 
     def score(images: np.ndarray) -> np.ndarray:
         parts = [

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from neurotwin.commands._options import add_model_store
 from neurotwin.commands.models import default_store_root
 from neurotwin.errors import InvalidInput
 from neurotwin.store import PREDICTORS, ModelStore
@@ -68,11 +69,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         required=True,
-        help="model_store/predictors/NAME (or just NAME, with --store): where the new version goes",
+        help="<store>/predictors/NAME, or just NAME (in --model-store): where the new version goes",
     )
-    parser.add_argument(
-        "--store", default=None, help="store root when --out is a bare name (default: $NEUROTWIN_MODEL_STORE)"
-    )
+    add_model_store(parser, "store root when --out is a bare name")
     parser.add_argument("--core", choices=("efficientnet", "conv"), default=model.core)
     parser.add_argument(
         "--core-kernel", type=int, default=model.core_kernel, help="kernel of the learned core's later layers"
@@ -113,14 +112,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_out(out: str, store_arg: str | None) -> tuple[ModelStore, str]:
-    """``<root>/predictors/<name>`` -> (store at root, name); a bare name uses ``--store``."""
+    """``<root>/predictors/<name>`` -> (store at root, name); a bare name uses ``--model-store``."""
     path = Path(out)
     if len(path.parts) == 1:
         return ModelStore(store_arg or default_store_root()), out
     if path.parent.name != PREDICTORS:
-        raise InvalidInput(f"--out {out}: expected <store>/predictors/<name> (or a bare name with --store)")
+        raise InvalidInput(f"--out {out}: expected <store>/predictors/<name> (or a bare name)")
     if store_arg and Path(store_arg).resolve() != path.parent.parent.resolve():
-        raise InvalidInput(f"--out {out} lies outside --store {store_arg}")
+        raise InvalidInput(f"--out {out} lies outside --model-store {store_arg}")
     return ModelStore(path.parent.parent), path.name
 
 
@@ -200,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     from neurotwin.training.twin import TwinConfig
 
     started = time.perf_counter()
-    store, name = parse_out(args.out, args.store)
+    store, name = parse_out(args.out, args.model_store)
     split_args = parse_split(args.split)
     config = TwinConfig(
         core=args.core,

@@ -1,4 +1,5 @@
-"""``neurotwin train-generator IMAGES... --out model_store/generators/NAME``."""
+"""``neurotwin train-generator IMAGES... --out NAME``: a new generator version in ``--model-store``
+(or ``--out <store>/generators/NAME``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import platform
 import time
 from pathlib import Path
 
+from neurotwin.commands._options import add_model_store, output_folder
+from neurotwin.store import GENERATORS
+
 HELP = "train a natural-image GAN prior and add it to the model store"
 
 DEFAULT_CPU_BUDGET_MIN = 30.0
@@ -16,8 +20,11 @@ DEFAULT_CPU_BUDGET_MIN = 30.0
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="zips or folders of images (or image files)")
     parser.add_argument(
-        "--out", required=True, help="model_store/generators/NAME: the store root is two levels up"
+        "--out",
+        required=True,
+        help="generator NAME (in --model-store), or <store>/generators/NAME: where the new version goes",
     )
+    add_model_store(parser, "store root when --out is a bare name", legacy=False)
     parser.add_argument("--resolution", type=int, default=64, help="output size in px (default 64)")
     parser.add_argument(
         "--width", type=int, default=64, help="channels of the last hidden layer (default 64)"
@@ -65,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.out = output_folder(args, GENERATORS)
     generator_target(args.out)  # refuse a wrong --out before training, not after
     device = resolve_device(args.device)
     budget_min = args.time_budget_min

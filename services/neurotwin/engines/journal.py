@@ -34,6 +34,8 @@ from neurotwin.errors import InvalidInput, NeurotwinError, NotFound, Unavailable
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# Where `neurotwin serve` journals closed-loop sessions unless told otherwise.
+DEFAULT_JOURNAL = "closed_loop_journal.sqlite3"
 OPEN, FINISHED, CLOSED = "open", "finished", "closed"
 SYNTHETIC, NATURAL = "synthetic", "natural"
 

@@ -301,6 +301,15 @@ def _nwb_file(data: SessionData) -> Any:
     return nwb
 
 
+def _timing(times: np.ndarray) -> dict[str, Any]:
+    """``timestamps``, or ``starting_time`` and ``rate`` when the times are evenly spaced (a rig that
+    presents back to back), as NWB's best practices ask."""
+    steps = np.unique(np.diff(times).round(9))
+    if len(times) > 2 and len(steps) == 1 and steps[0] > 0:
+        return {"starting_time": float(times[0]), "rate": float(1.0 / steps[0])}
+    return {"timestamps": times}
+
+
 def write_nwb(data: SessionData, path: Path, with_images: bool = True) -> None:
     from hdmf.common import DynamicTable, VectorData
     from pynwb import NWBHDF5IO, TimeSeries
@@ -333,7 +342,7 @@ def write_nwb(data: SessionData, path: Path, with_images: bool = True) -> None:
                 data=np.array([row_of[(s.generation, s.index)] for s in p.stimuli], dtype=np.uint32),
                 indexed_images=indexed,
                 unit="N/A",
-                timestamps=p.start,
+                **_timing(p.start),
                 description="index into stimulus_templates/stimuli of each told presentation",
             )
         )
@@ -382,7 +391,7 @@ def write_nwb(data: SessionData, path: Path, with_images: bool = True) -> None:
                 name="responses",
                 data=p.means.astype(np.float32).reshape(-1, neurons),
                 unit=units,
-                timestamps=p.start,
+                **_timing(p.start),
                 description="mean response of every recorded neuron to each told presentation",
             )
         )

@@ -28,7 +28,7 @@ from neurotwin.engines.closed_loop import (
     TellResult,
     ToldResponse,
 )
-from neurotwin.engines.journal import open_journal
+from neurotwin.engines.journal import DEFAULT_JOURNAL, open_journal
 from neurotwin.errors import InvalidInput
 from neurotwin.server.common import LATENCY_BUCKETS, GrpcServer
 from neurotwin.store import ModelStore, default_store_root
@@ -48,7 +48,7 @@ class Settings:
 
     model_store: str = field(default_factory=default_store_root)
     # A SQLite file (WAL mode) or a postgresql:// URL shared by replicas.
-    journal: str = "closed_loop_journal.sqlite3"
+    journal: str = DEFAULT_JOURNAL
     # SQLite durability: FULL fsyncs every commit (survives power loss); NORMAL only survives crashes.
     sqlite_synchronous: str = "FULL"
     # Open sessions allowed at once (CreateSession beyond it: RESOURCE_EXHAUSTED).

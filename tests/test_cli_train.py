@@ -244,6 +244,10 @@ def test_models_uses_the_environment_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("NEUROTWIN_MODEL_STORE", str(tmp_path / "empty"))
+    # A store that does not exist is a mistake to report; an existing empty one is listed as empty.
+    assert main(["models"]) == 1
+    assert f"model store {tmp_path / 'empty'} does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert str(tmp_path / "empty") in out and "(empty)" in out

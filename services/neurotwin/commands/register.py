@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         type=parse_model_ref,
-        required=True,
+        default=None,
         metavar="NAME",
         help="twin name in the store (the next version of it is written)",
     )
@@ -67,6 +67,8 @@ def _size(text: str | None) -> tuple[int, int] | None:
 def run(args: argparse.Namespace) -> int:
     from neurotwin.training.register import register_onnx
 
+    if args.model is None:
+        raise InvalidInput("--model NAME is required (the twin's name in the store)")
     if args.model.version is not None:
         raise InvalidInput(f"--model {args.model}: register adds the next version; give the name alone")
     version, card = register_onnx(

@@ -268,7 +268,11 @@ def test_export_writes_an_archive_with_handler_model_and_card(mar: Path) -> None
         names = set(archive.namelist())
         manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
         config = archive.read("model-config.yaml").decode()
+        requirements = archive.read("requirements.txt").decode().split()
     assert {"model.onnx", "card.json", "torchserve_handler.py", "model-config.yaml"} <= names
+    # The handler's own packages, for TorchServe's install_py_dep_per_model.
+    assert [r.split(">=")[0].lower() for r in requirements] == ["numpy", "pillow", "onnxruntime"]
+    assert manifest["model"]["requirementsFile"] == "requirements.txt"
     assert manifest["model"]["modelName"] == "tiny"
     assert manifest["model"]["modelVersion"] == "1"
     assert manifest["model"]["handler"] == "torchserve_handler.py"
@@ -280,8 +284,8 @@ def test_export_command_line(store: Path, tmp_path: Path) -> None:
     out = tmp_path / "ts"
     result = subprocess.run(
         [
-            *(str(Path(sys.executable).parent / "neurotwin"), "export", "torchserve", "tiny"),
-            *("--store", str(store), "--out", str(out), "--batch-size", "4"),
+            *(str(Path(sys.executable).parent / "neurotwin"), "export", "torchserve", "--model", "tiny"),
+            *("--model-store", str(store), "--out", str(out), "--batch-size", "4"),
         ],
         capture_output=True,
         text=True,

@@ -286,11 +286,17 @@ def _nwb_file(data: SessionData) -> Any:
         description=meta.subject_description or None,
     )
     if meta.device_name or meta.device_description or meta.device_manufacturer or meta.brain_area:
-        device = nwb.create_device(
-            name=meta.device_name or "recording device",
-            description=meta.device_description or None,
-            manufacturer=meta.device_manufacturer or None,
-        )
+        name = meta.device_name or "recording device"
+        details: dict[str, Any] = {}
+        if meta.device_manufacturer:
+            # pynwb >= 3.1 keeps the manufacturer on a DeviceModel; older versions on the Device.
+            if hasattr(nwb, "create_device_model"):
+                details["model"] = nwb.create_device_model(
+                    name=f"{name} model", manufacturer=meta.device_manufacturer
+                )
+            else:
+                details["manufacturer"] = meta.device_manufacturer
+        device = nwb.create_device(name=name, description=meta.device_description or None, **details)
         if meta.brain_area:
             nwb.create_electrode_group(
                 name="recording_site",

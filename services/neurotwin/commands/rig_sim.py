@@ -441,6 +441,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _export(client: Any, session_id: str, path: Path) -> Path:
     fmt = "hdf5" if path.suffix.lower() in (".h5", ".hdf5") else "nwb"
+    path.parent.mkdir(parents=True, exist_ok=True)
     written = client.export_session(session_id, path, fmt)
     print(f"rig-sim: exported to {written}", flush=True)
     return Path(written)

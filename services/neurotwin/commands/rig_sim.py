@@ -387,6 +387,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"rig-sim: in-process server on {address}, journal {journal}", flush=True)
         elif args.journal:
             raise InvalidInput("--journal is the in-process server's; a server at --address keeps its own")
+        else:
+            _check_reachable(args)
         client = stack.enter_context(ClosedLoopClient(config=channel_config(args)))
         session_id = args.session_id
         resumed = False
@@ -437,6 +439,22 @@ def run(args: argparse.Namespace) -> int:
             page = _report(client, session_id, folder, exports, journal)
             print(f"rig-sim: report {page}", flush=True)
     return 0
+
+
+def _check_reachable(args: argparse.Namespace, timeout: float = 5.0) -> None:
+    """Fail at once when nothing answers at --address, rather than after the client's retries (which
+    are there to ride out a server restart in the middle of a session)."""
+    import grpc
+
+    from neurotwin.errors import Unavailable
+
+    channel = channel_config(args).open()
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError as exc:
+        raise Unavailable(f"no answer within {timeout:g} s") from exc
+    finally:
+        channel.close()
 
 
 def _export(client: Any, session_id: str, path: Path) -> Path:

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import importlib
 import logging
+import socket
 from types import ModuleType
 
 from neurotwin.commands._options import add_model_store, check_store
@@ -88,7 +89,9 @@ def build_server(args: argparse.Namespace) -> object:
     server_overrides = {
         key.removeprefix("server_"): value for key, value in vars(args).items() if key.startswith("server_")
     }
-    server = GrpcServer(load_settings(ServerSettings, "server", file_data, server_overrides))
+    server_settings = load_settings(ServerSettings, "server", file_data, server_overrides)
+    _check_ports(server_settings)
+    server = GrpcServer(server_settings)
     chosen = _modules(args.services)
     loaded = []
     for module in chosen:
@@ -103,6 +106,29 @@ def build_server(args: argparse.Namespace) -> object:
     return server
 
 
+def _check_ports(settings: ServerSettings) -> None:
+    """Say which port is taken before loading any model (the usual cause: a server already running).
+    The listeners still report a port taken in between."""
+    ports = (
+        ("gRPC", settings.host, settings.port, "--port"),
+        ("metrics", settings.metrics_host or settings.host, settings.metrics_port, "--metrics-port"),
+        ("health", settings.health_host or settings.host, settings.health_port, "--health-port"),
+    )
+    for what, host, port, flag in ports:
+        if port <= 0:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            # SO_REUSEADDR ignores connections lingering in TIME_WAIT, not a listening server.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise InvalidInput(
+                    f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc} (is another server "
+                    f"running? choose another port with {flag})"
+                ) from exc
+
+
 def _service_name(module: ModuleType) -> str:
     return next(name for name, path in SERVICES.items() if path == module.__name__)
 
@@ -112,7 +138,10 @@ def run(args: argparse.Namespace) -> int:
     server.install_signal_handlers()
     try:
         server.start()
-    except OSError as exc:
+    except (OSError, InvalidInput) as exc:
+        server.stop(0)
+        if isinstance(exc, InvalidInput):
+            raise
         # The gRPC listeners report their own ports; this is one of the plain sockets (metrics).
         s = server.settings
         raise InvalidInput(

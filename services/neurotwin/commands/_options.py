@@ -253,7 +253,9 @@ def add_metadata_flags(parser: argparse.ArgumentParser, what: str) -> None:
     """One flag per RecordingMetadata field (``--subject-id``, ``--species``, ...)."""
     group = parser.add_argument_group(f"subject, device and session metadata ({what})")
     for name, help in _METADATA_FLAGS:
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"meta_{name}", default=None, help=help)
+        group.add_argument(
+            f"--{name.replace('_', '-')}", dest=f"meta_{name}", default=None, metavar=name.upper(), help=help
+        )
     group.add_argument(
         "--experimenter",
         dest="meta_experimenter",

@@ -35,11 +35,14 @@ READS_STORE = {
     "recode-generator",
     "serve",
     "synthesize",
+    "synthesize-all",
     "rig-sim",
     "export torchserve",
 }
-NAMES_A_TWIN = {"evaluate", "register", "predict", "synthesize", "rig-sim", "export torchserve"}
-NAMES_A_GENERATOR = {"synthesize", "rig-sim", "recode-generator"}
+NAMES_A_TWIN = {
+    *("evaluate", "register", "predict", "synthesize", "synthesize-all", "rig-sim", "export torchserve"),
+}
+NAMES_A_GENERATOR = {"synthesize", "synthesize-all", "rig-sim", "recode-generator"}
 OLD_SPELLINGS = {
     "--store",
     "--twin",

@@ -5,7 +5,9 @@ in README order, in a scratch folder holding a copy of the bundled model store (
 default) and a ``photo.jpg``. The README's own ``serve all`` is started first and stays up for the
 client commands; its ports come from ``NEUROTWIN_SERVER_PORT=0`` and ``..._METRICS_PORT=0`` (free
 ports, on a shared machine), and the ``127.0.0.1:8001`` the commands name is replaced by the port it
-got (``$NEUROTWIN_ADDRESS`` likewise for commands that rely on the default address).
+got (``$NEUROTWIN_ADDRESS`` likewise for commands that rely on the default address). ``synthesize-all``
+(every neuron of the twin: an hour on a CPU) runs as one slice of a sharded sweep, its shard count
+given the way the Kubernetes Job gives it, ``$NEUROTWIN_SYNTHESIZE_ALL_SHARD_COUNT``: one neuron.
 
 Commands on ``../shared`` data (``train ../shared/data/cowley_v4 ...``): their flags are parsed and the
 recording is loaded as the command would load it, from synthetic sessions in the same layout placed at
@@ -38,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 NEUROTWIN = str(Path(sys.executable).parent / "neurotwin")
 README_ADDRESS = "127.0.0.1:8001"
 PROGRAMS = {"neurotwin", ".venv/bin/neurotwin"}
+SHARD_COUNT_ENV = "NEUROTWIN_SYNTHESIZE_ALL_SHARD_COUNT"
 
 
 def block_commands(markdown: str) -> list[list[str]]:
@@ -140,8 +143,11 @@ def test_readme_commands_run_as_written(tmp_path: Path, monkeypatch: pytest.Monk
             if README_ADDRESS in text:
                 assert server is not None, f"'{text}' needs the README's server, started before it"
                 args = [a.replace(README_ADDRESS, env["NEUROTWIN_ADDRESS"]) for a in args]
+            run_env = dict(env)
+            if args[0] == "synthesize-all":
+                run_env[SHARD_COUNT_ENV] = "1000"
             result = subprocess.run(
-                [NEUROTWIN, *args], cwd=work, env=env, capture_output=True, text=True, timeout=900
+                [NEUROTWIN, *args], cwd=work, env=run_env, capture_output=True, text=True, timeout=900
             )
             assert result.returncode == 0, f"neurotwin {text}\n{result.stderr[-3000:]}"
             outputs[text] = result.stdout
@@ -155,6 +161,7 @@ def test_readme_commands_run_as_written(tmp_path: Path, monkeypatch: pytest.Monk
     assert "predicted rates in spikes per 100 ms window" in predicted
     assert "v4-201025" in next(out for text, out in outputs.items() if text.startswith("models"))
     assert (work / "out" / "contact_sheet.png").is_file()
+    assert len([p for p in (work / "sweep").iterdir() if p.is_dir()]) == 1, "one neuron's folder"
     for report in ("demo-report", "report"):
         assert (work / report / "index.html").is_file() and (work / report / "score_curve.png").is_file()
     assert (work / "demo.nwb").is_file() and (work / "s.nwb").is_file()

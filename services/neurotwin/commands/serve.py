@@ -113,6 +113,7 @@ def _check_ports(settings: ServerSettings) -> None:
         ("gRPC", settings.host, settings.port, "--port"),
         ("metrics", settings.metrics_host or settings.host, settings.metrics_port, "--metrics-port"),
         ("health", settings.health_host or settings.host, settings.health_port, "--health-port"),
+        ("HTTP", settings.http_host or settings.host, settings.http_port, "--http-port"),
     )
     for what, host, port, flag in ports:
         if port <= 0:
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         s = server.settings
         raise InvalidInput(
             f"cannot listen: {exc.strerror or exc} (ports: gRPC {s.port}, metrics {s.metrics_port}, "
-            f"health {s.health_port}; is another server running?)"
+            f"health {s.health_port}, HTTP {s.http_port}; is another server running?)"
         ) from exc
     print(
         f"neurotwin: serving {', '.join(args.services)} on {server.settings.host}:{server.port}"

@@ -20,10 +20,10 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from neurotwin.commands._options import ModelRef, add_model_store, parse_model_ref, store_root
 from neurotwin.errors import FailedPrecondition, InvalidInput, ModelStoreError, NotFound
 
 if TYPE_CHECKING:
@@ -45,30 +45,17 @@ EXIT_NEURONS_FAILED = 3
 PARITY_IMAGES = 4
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    name: str
-    version: int  # 0: not pinned
-
-
-def _model_ref(text: str) -> ModelRef:
-    name, _, version = text.partition(":")
-    if not name or (version and not version.isdigit()):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME or NAME:VERSION")
-    return ModelRef(name, int(version or 0))
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.allow_abbrev = False
     parser.add_argument(
         "--model",
-        type=_model_ref,
+        type=parse_model_ref,
         metavar="NAME[:VERSION]",
         help="twin (predictor) NAME[:VERSION] in the model store",
     )
     parser.add_argument(
         "--generator",
-        type=_model_ref,
+        type=parse_model_ref,
         default=None,
         metavar="NAME[:VERSION]",
         help="generator NAME[:VERSION], or 'pixels' for none (default: the synthesizer's, v4-dcgan-h2)",
@@ -97,11 +84,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default=None, help=f"auto, cpu or cuda (default: ${DEVICE_ENV}, else auto)"
     )
-    parser.add_argument(
-        "--model-store",
-        default=os.environ.get("NEUROTWIN_MODEL_STORE", "model_store"),
-        help="model store root (default $NEUROTWIN_MODEL_STORE or ./model_store)",
-    )
+    add_model_store(parser, legacy=False)
     parser.add_argument(
         "--contact-sheet",
         action="store_true",
@@ -147,7 +130,7 @@ def _spec(args: argparse.Namespace, recorded: SweepSpec | None) -> SweepSpec:
     from neurotwin.engines.sweep_folder import PIXELS, SweepSpec
     from neurotwin.store import GENERATORS, PREDICTORS, ModelStore
 
-    store = ModelStore(args.model_store)
+    store = ModelStore(store_root(args))
     if not store.root.is_dir():
         raise NotFound(f"model store {store.root} does not exist")
 
@@ -294,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
         folder.clear_partials(neurons)
     else:
         try:
-            pair = _load_pair(args.model_store, spec, device)
+            pair = _load_pair(store_root(args), spec, device)
         except (NotFound, ModelStoreError) as exc:
             return _fail(str(exc))
         extra = {

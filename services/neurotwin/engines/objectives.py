@@ -4,6 +4,12 @@ Every objective maps ``(rates [B, K], images [B, 3, H, W], groups [B] or None)``
 ``[B]`` (higher is better), differentiable in both inputs. ``groups`` says which images belong to the
 same request, for terms that compare images with each other (diversity); None means one group.
 
+A twin ensemble gives member rates ``[B, M, K]`` instead of ``[B, K]``. Objectives score the members'
+mean unless they read the members themselves: :class:`Agreement` scores its inner objective on every
+member and combines the members' scores (mean, soft-min, min) minus a penalty on their spread, so an
+image has to drive every member, not exploit one (Walker et al. 2019 and Bashivan et al. 2019 synthesize
+against ensembles for the same reason).
+
 Objectives compose like numbers: ``neuron(3) + 0.1 * diversity()``, ``2 * a - b``. The gRPC layer
 builds them from plain data with :func:`build_objective` (an :class:`ObjectiveSpec` or a dict), and
 :meth:`Objective.to_spec` goes back, so a request can be journaled and replayed.
@@ -22,7 +28,9 @@ from torch import Tensor
 from neurotwin.errors import InvalidInput
 
 __all__ = [
+    "AGGREGATES",
     "KINDS",
+    "Agreement",
     "Diversity",
     "Neuron",
     "Objective",
@@ -31,6 +39,7 @@ __all__ = [
     "Population",
     "Scaled",
     "Sum",
+    "agreement",
     "build_objective",
     "diversity",
     "neuron",
@@ -41,6 +50,7 @@ __all__ = [
 
 KINDS = ("neuron", "population", "one_hot")
 DIVERSITY_SPACES = ("images", "rates")
+AGGREGATES = ("mean", "softmin", "min")
 
 
 class Objective:
@@ -49,7 +59,16 @@ class Objective:
     def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
         raise NotImplementedError
 
+    @property
+    def reads_members(self) -> bool:
+        """True if :meth:`score` takes member rates [B, M, K]; others get the members' mean [B, K]."""
+        return False
+
     def __call__(self, rates: Tensor, images: Tensor | None = None, groups: Tensor | None = None) -> Tensor:
+        if rates.dim() == 3 and not self.reads_members:
+            rates = rates.mean(dim=1)
+        elif rates.dim() not in (2, 3):
+            raise InvalidInput(f"rates must be [B, K] or member rates [B, M, K], got {list(rates.shape)}")
         out = self.score(rates, images, groups)
         if out.shape != rates.shape[:1]:
             raise RuntimeError(f"{self!r} returned shape {tuple(out.shape)}, expected ({rates.shape[0]},)")
@@ -113,6 +132,10 @@ class Sum(Objective):
             flat += part.parts if isinstance(part, Sum) else [part]
         self.parts = flat
 
+    @property
+    def reads_members(self) -> bool:
+        return any(p.reads_members for p in self.parts)
+
     def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
         total = self.parts[0](rates, images, groups)
         for part in self.parts[1:]:
@@ -143,6 +166,10 @@ class Scaled(Objective):
         if isinstance(inner, Scaled):
             inner, factor = inner.inner, inner.factor * factor
         self.inner, self.factor = inner, factor
+
+    @property
+    def reads_members(self) -> bool:
+        return self.inner.reads_members
 
     def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
         return self.factor * self.inner(rates, images, groups)
@@ -307,6 +334,76 @@ class Diversity(Objective):
         return f"diversity(on={self.on!r})"
 
 
+class Agreement(Objective):
+    """An objective every member of a twin ensemble has to agree on.
+
+    ``inner`` (a rate objective: neuron, population, one-hot) is scored on each member's rates, giving
+    ``s [B, M]``, and the members' scores are combined:
+
+    - ``mean``: their average (the same as scoring the ensemble mean for linear objectives);
+    - ``softmin``: ``-T * log(mean(exp(-s / T)))``, between the mean (large ``temperature`` T) and the
+      worst member (T -> 0): an image counts only as much as the members least driven by it;
+    - ``min``: the worst member (its gradient reaches one member at a time).
+
+    ``disagreement`` > 0 subtracts that multiple of the members' standard deviation, a penalty on images
+    the members disagree about. With plain rates [B, K] (a single twin) it is ``inner`` unchanged.
+    """
+
+    def __init__(
+        self,
+        inner: Objective,
+        aggregate: str = "softmin",
+        temperature: float = 1.0,
+        disagreement: float = 0.0,
+    ) -> None:
+        if aggregate not in AGGREGATES:
+            raise InvalidInput(f"agreement: aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        if not temperature > 0 or not math.isfinite(temperature):
+            raise InvalidInput(f"agreement: temperature must be positive, got {temperature}")
+        if not disagreement >= 0 or not math.isfinite(disagreement):
+            raise InvalidInput(f"agreement: disagreement weight must be finite and >= 0, got {disagreement}")
+        if inner.uses_images or inner.reads_members:
+            raise InvalidInput("agreement: the inner objective must read rates only (add diversity outside)")
+        self.inner = inner
+        self.aggregate = aggregate
+        self.temperature = float(temperature)
+        self.disagreement = float(disagreement)
+
+    @property
+    def reads_members(self) -> bool:
+        return True
+
+    def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
+        if rates.dim() == 2:
+            rates = rates[:, None, :]
+        batch, members, count = rates.shape
+        per_member = self.inner(rates.reshape(batch * members, count), None, None).reshape(batch, members)
+        if self.aggregate == "mean" or members == 1:
+            combined = per_member.mean(dim=1)
+        elif self.aggregate == "softmin":
+            t = self.temperature
+            combined = -t * (torch.logsumexp(-per_member / t, dim=1) - math.log(members))
+        else:
+            combined = per_member.min(dim=1).values
+        if self.disagreement > 0 and members > 1:
+            combined = combined - self.disagreement * per_member.std(dim=1, unbiased=False)
+        return combined
+
+    @property
+    def target(self) -> int | None:
+        return self.inner.target
+
+    @property
+    def neurons(self) -> list[int]:
+        return self.inner.neurons
+
+    def __repr__(self) -> str:
+        return (
+            f"agreement({self.inner!r}, {self.aggregate}, T={self.temperature:g}, "
+            f"disagreement={self.disagreement:g})"
+        )
+
+
 # Short constructors, lucent-style.
 def neuron(index: int) -> Objective:
     return Neuron(index)
@@ -326,6 +423,12 @@ def diversity(on: str = "images") -> Objective:
     return Diversity(on)
 
 
+def agreement(
+    inner: Objective, aggregate: str = "softmin", temperature: float = 1.0, disagreement: float = 0.0
+) -> Objective:
+    return Agreement(inner, aggregate, temperature, disagreement)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Plain-data descriptions
 # ---------------------------------------------------------------------------------------------------
@@ -341,7 +444,10 @@ class ObjectiveSpec:
       (default: all of the twin's), compared at ``temperature``.
 
     ``diversity`` > 0 adds that multiple of :class:`Diversity` (``diversity_on``). Neurons are indices
-    or neuron ids from the twin's card.
+    or neuron ids from the twin's card. ``members`` says how a twin ensemble's members are combined
+    (:class:`Agreement`: ``mean``, ``softmin`` at ``member_temperature``, ``min``) and ``disagreement``
+    weighs the penalty on their spread; ``members="mean"`` with no penalty is the plain objective on the
+    ensemble mean, and on a single twin every setting is the plain objective.
     """
 
     kind: str = "neuron"
@@ -352,6 +458,9 @@ class ObjectiveSpec:
     log: bool = False
     diversity: float = 0.0
     diversity_on: str = "images"
+    members: str = "mean"
+    member_temperature: float = 1.0
+    disagreement: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -419,6 +528,10 @@ def build_objective(spec: ObjectiveSpec | Mapping[str, Any], neuron_ids: Sequenc
             else resolve_neurons(spec.population, neuron_ids, "population neuron")
         )
         base = OneHotPopulation(neurons[0], pool, float(spec.temperature), bool(spec.log))
+    if spec.members not in AGGREGATES:
+        raise InvalidInput(f"objective: members must be one of {AGGREGATES}, got {spec.members!r}")
+    if spec.members != "mean" or float(spec.disagreement) != 0:
+        base = Agreement(base, spec.members, float(spec.member_temperature), float(spec.disagreement))
     weight = float(spec.diversity)
     if not math.isfinite(weight) or weight < 0:
         raise InvalidInput(f"objective: diversity weight must be finite and >= 0, got {spec.diversity}")
@@ -433,6 +546,9 @@ def _spec_from_terms(terms: list[tuple[float, Objective]]) -> ObjectiveSpec:
     if len(main) != 1 or main[0][0] != 1.0 or len(extra) > 1 or (extra and extra[0][0] < 0):
         raise InvalidInput("objective has no plain-data form (one base term plus a diversity weight)")
     _, base = main[0]
+    members: Agreement | None = None
+    if isinstance(base, Agreement):
+        members, base = base, base.inner
     spec: ObjectiveSpec
     if isinstance(base, Neuron):
         spec = ObjectiveSpec("neuron", [base.index])
@@ -448,6 +564,9 @@ def _spec_from_terms(terms: list[tuple[float, Objective]]) -> ObjectiveSpec:
         )
     else:
         raise InvalidInput(f"{base!r} has no plain-data form")
+    if members is not None:
+        spec.members, spec.member_temperature = members.aggregate, members.temperature
+        spec.disagreement = members.disagreement
     if extra:
         weight, term = extra[0]
         assert isinstance(term, Diversity)

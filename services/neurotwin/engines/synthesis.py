@@ -442,11 +442,17 @@ def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def _twin_rates(twin: nn.Module, images01: Tensor) -> Tensor:
-    """Rates for [N, 3, H, W] images in [0, 1] already at the twin's input size."""
+    """Rates for [N, 3, H, W] images in [0, 1] already at the twin's input size: [N, K], or member
+    rates [N, M, K] from a twin ensemble (objectives read them; everything reported is their mean)."""
     forward = getattr(twin, "forward_chw01", None)
     if forward is not None:
         return forward(images01, resize=False)
     return twin(images01.permute(0, 2, 3, 1) * 255.0)
+
+
+def _ensemble_mean(rates: Tensor) -> Tensor:
+    """[N, K] rates as reported: an ensemble's member rates [N, M, K] averaged over members."""
+    return rates.mean(dim=1) if rates.dim() == 3 else rates
 
 
 def _to_uint8(images01: Tensor) -> np.ndarray:
@@ -488,7 +494,7 @@ def score_latents(
             all_images.append(images if objective.uses_images else images[:, :0])
         rates = torch.cat(all_rates)
         scores = objective(rates, torch.cat(all_images) if objective.uses_images else None, None)
-    return scores.double().cpu().numpy(), rates.cpu().numpy()
+    return scores.double().cpu().numpy(), _ensemble_mean(rates).cpu().numpy()
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -917,7 +923,11 @@ class SynthesisScheduler:
                 values = score.double().cpu().numpy()
                 if not np.all(np.isfinite(values)):
                     raise SynthesisFailed(f"{job.id}: objective is not finite at generation {job.step}")
-                activation = part_rates[:, target].double().cpu().numpy() if target is not None else None
+                activation = (
+                    _ensemble_mean(part_rates)[:, target].double().cpu().numpy()
+                    if target is not None
+                    else None
+                )
                 runner.tell(values, activation)
             except NeurotwinError as exc:
                 self._finish_error(job, exc)
@@ -948,6 +958,7 @@ class SynthesisScheduler:
 
     def _progress(self, job: SynthesisJob, score: Tensor, rates: Tensor, images: Tensor) -> None:
         target = job.objective.target
+        rates = _ensemble_mean(rates)
         activation = rates[:, target] if target is not None else torch.full_like(score, float("nan"))
         preview = None
         if job.request.preview_every and job.step % job.request.preview_every == 0:
@@ -1000,7 +1011,7 @@ def _result(
         quantized = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float() / 255.0
         rates = _twin_rates(pair.twin, quantized).float()
         score = objective(rates, images01 if objective.uses_images else None, None)
-    rates_np = rates.cpu().numpy().astype(np.float32)
+    rates_np = _ensemble_mean(rates).cpu().numpy().astype(np.float32)
     target = objective.target
     activation = rates_np[:, target] if target is not None else None
     relative = None

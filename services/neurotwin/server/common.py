@@ -1,5 +1,6 @@
-"""Plumbing every neurotwin gRPC server shares: TLS, bearer-token auth, health, reflection (v1 and
-v1alpha), Prometheus metrics, error translation and graceful drain, and the optional HTTP listener
+"""Plumbing every neurotwin gRPC server shares: TLS, bearer-token auth, health (with the health
+port's probe of the main port), reflection (v1 and v1alpha), Prometheus metrics, admission by kind of
+call and error translation (``server.gate``), graceful drain, and the optional HTTP listener
 (``server.http``) that shares all of these.
 
 Servicers stay thin: they raise ``neurotwin.errors`` exceptions and this layer turns them into the
@@ -13,7 +14,7 @@ import platform
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,16 +25,20 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from neurotwin import __version__
-from neurotwin.errors import InvalidInput, NeurotwinError
+from neurotwin.errors import InvalidInput
 from neurotwin.server import reflection_v1
 from neurotwin.server.config import ServerSettings
+from neurotwin.server.gate import HEALTH_PREFIX, GateInterceptor
+from neurotwin.server.health_probe import MainPortProbe, ProbeSocket
+from neurotwin.server.slots import CallLimits, CallSlots, IdleStreamWatchdog, parse_stream_caps
 
 if TYPE_CHECKING:
     from neurotwin.server.http import HttpServer
 
 log = logging.getLogger(__name__)
 
-HEALTH_PREFIX = "/grpc.health.v1.Health/"
+__all__ = ["HEALTH_PREFIX", "LATENCY_BUCKETS", "GrpcServer", "ServerMetrics", "deadline_from"]
+
 REFLECTION_PREFIX = "/grpc.reflection."
 # Least time given to responses of finished handlers to reach the wire when a drain stops the server.
 _FLUSH_SECONDS = 1.0
@@ -84,121 +89,6 @@ class ServerMetrics:
         build.info({"version": __version__, "python": platform.python_version(), "grpc": grpc.__version__})
 
 
-def _split_method(full_method: str) -> tuple[str, str]:
-    service, _, method = full_method.lstrip("/").rpartition("/")
-    return service, method
-
-
-def _abort_for(exc: BaseException, context: grpc.ServicerContext) -> None:
-    if isinstance(exc, NeurotwinError):
-        context.abort(exc.code, str(exc))
-    log.exception("unhandled error in %s", context.peer())
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-
-
-class _GateInterceptor(grpc.ServerInterceptor):
-    """Auth, drain, error translation and metrics for every method except health checks."""
-
-    def __init__(self, server: GrpcServer) -> None:
-        self._server = server
-
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
-        if handler is None:
-            return None
-        method = details.method
-        if method.startswith(HEALTH_PREFIX):
-            return handler
-        service, name = _split_method(method)
-        metadata = dict(details.invocation_metadata or ())
-        refusal = self._server.refusal(metadata)
-        if refusal is not None:
-            return self._refuse(handler, service, name, *refusal)
-        return self._wrap(handler, service, name)
-
-    def _refuse(self, handler: Any, service: str, name: str, code: grpc.StatusCode, message: str) -> Any:
-        metrics = self._server.metrics
-
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            metrics.requests.labels(service, name, code.name).inc()
-            context.abort(code, message)
-
-        return _replace_behaviour(handler, deny, deny)
-
-    def _wrap(self, handler: Any, service: str, name: str) -> Any:
-        metrics = self._server.metrics
-
-        server = self._server
-
-        def finish(context: grpc.ServicerContext, started: float, error: BaseException | None) -> None:
-            server.call_finished()
-            code = context.code() if hasattr(context, "code") else None
-            if code is None:
-                code = grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK
-            if not context.is_active() and code == grpc.StatusCode.OK and error is None:
-                code = grpc.StatusCode.CANCELLED
-            metrics.requests.labels(service, name, code.name).inc()
-            metrics.latency.labels(service, name).observe(time.perf_counter() - started)
-            metrics.in_flight.labels(service).dec()
-
-        def unary_response(behaviour: Callable) -> Callable:
-            def call(request: Any, context: grpc.ServicerContext) -> Any:
-                started = time.perf_counter()
-                server.call_started()
-                metrics.in_flight.labels(service).inc()
-                error: BaseException | None = None
-                try:
-                    return behaviour(request, context)
-                except Exception as exc:
-                    error = exc
-                    if context.code() is None or isinstance(exc, NeurotwinError):
-                        _abort_for(exc, context)
-                    raise
-                finally:
-                    finish(context, started, error)
-
-            return call
-
-        def stream_response(behaviour: Callable) -> Callable:
-            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                started = time.perf_counter()
-                server.call_started()
-                metrics.in_flight.labels(service).inc()
-                error: BaseException | None = None
-                try:
-                    yield from behaviour(request, context)
-                except Exception as exc:
-                    error = exc
-                    if context.code() is None or isinstance(exc, NeurotwinError):
-                        _abort_for(exc, context)
-                    raise
-                finally:
-                    finish(context, started, error)
-
-            return call
-
-        return _replace_behaviour(handler, unary_response, stream_response, wrap=True)
-
-
-def _replace_behaviour(handler: Any, unary: Callable, streaming: Callable, wrap: bool = False) -> Any:
-    """Rebuild a method handler with its behaviour replaced (or wrapped when ``wrap``)."""
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-
-    def pick(original: Callable, factory: Callable) -> Callable:
-        return factory(original) if wrap else factory
-
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(pick(handler.unary_unary, unary), **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(pick(handler.unary_stream, streaming), **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(pick(handler.stream_unary, unary), **kwargs)
-    return grpc.stream_stream_rpc_method_handler(pick(handler.stream_stream, streaming), **kwargs)
-
-
 def _read(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -217,7 +107,22 @@ class GrpcServer:
         self.settings = settings
         self.metrics = ServerMetrics()
         self.health = health.HealthServicer(experimental_non_blocking=True)
+        # The health port's own servicer: the main statuses while the main port answers (see probe).
+        self.port_health = health.HealthServicer(experimental_non_blocking=True)
+        self._statuses: dict[str, bool] = {}
+        self._probe: MainPortProbe | None = None
+        self._probe_socket: ProbeSocket | None = None
         self._tokens = settings.tokens()
+        self.limits = CallLimits(
+            health=settings.max_health_checks,
+            unary=settings.max_workers,
+            streams=settings.max_streams,
+            per_stream_method=settings.max_streams_per_method,
+            stream_caps=parse_stream_caps(settings.stream_caps),
+            stream_idle_seconds=settings.stream_idle_seconds,
+        )
+        self.slots = CallSlots(self.limits)
+        self.watchdog = IdleStreamWatchdog(settings.stream_idle_seconds)
         self._service_names: list[str] = [
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
@@ -246,11 +151,14 @@ class GrpcServer:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        threads = self.limits.threads
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="grpc"),
-            interceptors=[_GateInterceptor(self)],
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
+            interceptors=[GateInterceptor(self)],
             options=options,
-            maximum_concurrent_rpcs=None,
+            # Every admitted call has a thread (see slots); this only bounds the queue of calls
+            # waiting to be refused in a flood, so that memory stays bounded too.
+            maximum_concurrent_rpcs=threads * 4,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
 
@@ -290,7 +198,12 @@ class GrpcServer:
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        self._statuses[service] = serving
         self.health.set(service, status)
+        if self._probe is not None:
+            self._probe.publish()
+        else:
+            self.port_health.set(service, status)
 
     def refusal(self, metadata: dict[str, Any]) -> tuple[grpc.StatusCode, str] | None:
         """Why a new call is refused (drain, missing or bad token), or None to let it through."""
@@ -330,6 +243,9 @@ class GrpcServer:
             raise InvalidInput(f"cannot listen on {address}: {exc}") from exc
         if self.port == 0:
             raise InvalidInput(f"cannot listen on {address} (port in use?)")
+        if s.health_port >= 0:
+            self._probe_socket = ProbeSocket()
+            self._grpc.add_insecure_port(self._probe_socket.address)
         if s.metrics_port >= 0:
             self._metrics_http, _ = start_http_server(
                 s.metrics_port, addr=s.metrics_host or s.host, registry=self.metrics.registry
@@ -341,9 +257,19 @@ class GrpcServer:
             self.http.start()
             self.http_port = self.http.port
         self._grpc.start()
+        self.watchdog.start()
         self.set_serving("", True)
         for name in self._health_names:
             self.set_serving(name, True)
+        if self._probe_socket is not None:
+            self._probe = MainPortProbe(
+                self._probe_socket.address,
+                self.port_health,
+                lambda: dict(self._statuses),
+                lambda: self.slots.unary_stuck(3 * s.health_probe_seconds),
+                s.health_probe_seconds,
+            )
+            self._probe.start()
         log.info(
             "serving %s on %s:%d (%s, auth %s), HTTP on %s, metrics on %s",
             ", ".join(self._health_names),
@@ -363,7 +289,7 @@ class GrpcServer:
             futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
             options=[("grpc.so_reuseport", 0)],
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.port_health, self._health_grpc)
         try:
             self.health_port = self._health_grpc.add_insecure_port(address)
         except RuntimeError as exc:
@@ -380,7 +306,10 @@ class GrpcServer:
         self._draining.set()
         grace = self.settings.grace_seconds if grace is None else grace
         log.info("draining (grace %.1f s)", grace)
+        if self._probe is not None:
+            self._probe.stop()
         self.health.enter_graceful_shutdown()
+        self.port_health.enter_graceful_shutdown()
         # Keep listening while in-flight calls finish, so that new calls get a clear UNAVAILABLE
         # and probes see NOT_SERVING, rather than connection refused.
         deadline = time.monotonic() + grace
@@ -400,6 +329,9 @@ class GrpcServer:
         self._grpc.stop(flush).wait()
         if self._health_grpc is not None:
             self._health_grpc.stop(0).wait()
+        self.watchdog.stop()
+        if self._probe_socket is not None:
+            self._probe_socket.close()
         for hook in reversed(self._stop_hooks):
             try:
                 hook()

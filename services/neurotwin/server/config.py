@@ -46,7 +46,21 @@ class ServerSettings:
     auth_token_file: str = ""
     auth_tokens: list[str] = field(default_factory=list)
     max_message_bytes: int = 64 * 1024 * 1024
+    # Calls at once, by kind, each with its own budget so that no kind can starve another (a call
+    # over its budget is refused with RESOURCE_EXHAUSTED): unary calls, streams in all, streams of
+    # one method (stream_caps overrides it per method: "PredictStream=8"), and health checks.
     max_workers: int = 64
+    max_streams: int = 32
+    max_streams_per_method: int = 16
+    stream_caps: list[str] = field(default_factory=list)
+    max_health_checks: int = 8
+    # A stream waiting on its client (no request arriving, a response not read) this long is closed
+    # with DEADLINE_EXCEEDED; 0 keeps idle streams open.
+    stream_idle_seconds: float = 120.0
+    # How often the health port checks that the main port answers (NOT_SERVING while it does not).
+    health_probe_seconds: float = 2.0
+    # HTTP requests handled at once; more are answered 503 at once.
+    max_http_requests: int = 128
     # In-flight calls get this long to finish after SIGTERM; new calls are refused meanwhile.
     grace_seconds: float = 15.0
 

@@ -238,6 +238,10 @@ class HttpServer:
             proxy_headers=False,
             # The drain has already waited for in-flight requests when the listener is stopped.
             timeout_graceful_shutdown=1,
+            # Beyond this many connections and requests at once, uvicorn answers 503 at once rather
+            # than letting slow or idle clients pile up; idle keep-alive connections close after 5 s.
+            limit_concurrency=s.max_http_requests,
+            timeout_keep_alive=5,
             **tls,
         )
         try:

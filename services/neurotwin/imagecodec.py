@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -48,6 +50,36 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
+
+
+def encode_png_fast(image: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> PNG with the 'sub' filter and run-length-only deflate.
+
+    Pillow's encoder tries harder for little gain; on smooth generator images the 'sub' filter leaves
+    mostly runs, which Z_RLE codes about as small as full deflate in half the time. That keeps a
+    40-image closed-loop generation well inside the Ask budget, and any PNG decoder reads the result.
+    """
+    height, width, _ = image.shape
+    flat = np.ascontiguousarray(image, dtype=np.uint8).reshape(height, width * 3)
+    rows = np.empty((height, width * 3 + 1), dtype=np.uint8)
+    rows[:, 0] = 1  # filter type 1 (sub): each byte minus the byte one pixel to the left
+    rows[:, 1:4] = flat[:, :3]
+    np.subtract(flat[:, 3:], flat[:, :-3], out=rows[:, 4:])
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    data = deflate.compress(rows.tobytes()) + deflate.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", data)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB").save(
@@ -71,3 +103,19 @@ def resize_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
         return image
     img = Image.fromarray(image, "RGB").resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
+
+
+def resize_batch(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> uint8 [N, height, width, 3], bilinear (antialiased when shrinking).
+
+    Pillow resamples uint8 directly, about twice as fast as interpolating floats in torch.
+    """
+    if images.shape[1:3] == (height, width):
+        return images
+    out = np.empty((len(images), height, width, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        resized = Image.fromarray(np.ascontiguousarray(image), "RGB").resize(
+            (width, height), Image.Resampling.BILINEAR
+        )
+        out[i] = np.asarray(resized)
+    return out

@@ -146,7 +146,7 @@ class VirtualNeurons:
 
     def true_rates(self, images: np.ndarray) -> np.ndarray:
         """Noise-free rates (spikes per 100 ms window), float64 [N, neurons]."""
-        from neurotwin.engines.closed_loop import resize_batch
+        from neurotwin.imagecodec import resize_batch
 
         card = self.session.card
         batch = resize_batch(images, card.input.height, card.input.width)
@@ -204,7 +204,7 @@ def simulate(
     every: int = 1,
 ) -> SimResult:
     """Run ask -> present -> tell until the session finishes or ``generations`` more are told."""
-    from neurotwin.engines.closed_loop import objective_scores
+    from neurotwin.engines.objectives import objective_scores
 
     true_objective: dict[str, float] = {}
     ask_s: list[float] = []
@@ -302,9 +302,9 @@ def in_process_server(model_store: str, journal: str, **settings: Any) -> Iterat
 
 
 def _natural_bytes(path: str) -> list[bytes]:
-    from neurotwin.engines.closed_loop import _natural_entries
+    from neurotwin.engines.closed_loop import natural_image_bytes
 
-    return [data for _, data in _natural_entries(Path(path))]
+    return natural_image_bytes(path)
 
 
 def _metadata(args: argparse.Namespace, twin: Any, ref: ModelRef, version: int) -> dict[str, Any]:

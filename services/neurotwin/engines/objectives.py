@@ -13,6 +13,11 @@ against ensembles for the same reason).
 Objectives compose like numbers: ``neuron(3) + 0.1 * diversity()``, ``2 * a - b``. The gRPC layer
 builds them from plain data with :func:`build_objective` (an :class:`ObjectiveSpec` or a dict), and
 :meth:`Objective.to_spec` goes back, so a request can be journaled and replayed.
+
+Measured responses are scored by the same algebra without gradients: :meth:`Objective.score_array`
+takes float64 numpy rates, and :func:`response_objective` builds a closed-loop session's objective
+(``"mean"`` or ``"contrast"``) from its target neurons. torch is imported only where a term needs it,
+so reading journaled sessions (exports, reports) does not load it.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from neurotwin.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "AGGREGATES",
@@ -43,12 +50,16 @@ __all__ = [
     "build_objective",
     "diversity",
     "neuron",
+    "objective_scores",
     "one_hot_population",
     "population",
     "resolve_neurons",
+    "response_objective",
 ]
 
 KINDS = ("neuron", "population", "one_hot")
+# How a closed-loop session scores measured responses (journaled by name in its settings).
+RESPONSE_OBJECTIVES = ("mean", "contrast")
 DIVERSITY_SPACES = ("images", "rates")
 AGGREGATES = ("mean", "softmin", "min")
 
@@ -73,6 +84,18 @@ class Objective:
         if out.shape != rates.shape[:1]:
             raise RuntimeError(f"{self!r} returned shape {tuple(out.shape)}, expected ({rates.shape[0]},)")
         return out
+
+    def score_array(self, rates: np.ndarray) -> np.ndarray:
+        """Scores of measured or predicted rates ``[B, K]`` as float64 numpy, without images.
+
+        Terms made of plain rate arithmetic (neurons, populations, sums, multiples) compute it in
+        numpy; any other term runs its torch ``score`` in float64 on the CPU.
+        """
+        import torch
+
+        values = torch.as_tensor(np.asarray(rates, dtype=np.float64))
+        with torch.no_grad():
+            return self(values).numpy().astype(np.float64, copy=False)
 
     @property
     def target(self) -> int | None:
@@ -142,6 +165,12 @@ class Sum(Objective):
             total = total + part(rates, images, groups)
         return total
 
+    def score_array(self, rates: np.ndarray) -> np.ndarray:
+        total = self.parts[0].score_array(rates)
+        for part in self.parts[1:]:
+            total = total + part.score_array(rates)
+        return total
+
     @property
     def target(self) -> int | None:
         return next((p.target for p in self.parts if p.target is not None), None)
@@ -174,6 +203,9 @@ class Scaled(Objective):
     def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
         return self.factor * self.inner(rates, images, groups)
 
+    def score_array(self, rates: np.ndarray) -> np.ndarray:
+        return self.factor * self.inner.score_array(rates)
+
     @property
     def target(self) -> int | None:
         return self.inner.target
@@ -202,6 +234,9 @@ class Neuron(Objective):
     def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
         return rates[:, self.index]
 
+    def score_array(self, rates: np.ndarray) -> np.ndarray:
+        return np.asarray(rates, dtype=np.float64)[:, self.index]
+
     @property
     def target(self) -> int:
         return self.index
@@ -221,17 +256,33 @@ class Population(Objective):
         if not indices:
             raise InvalidInput("population objective: no neurons given")
         self.indices = [int(i) for i in indices]
+        weights_given = weights
         if weights is None:
             weights = [1.0 / len(self.indices)] * len(self.indices)
         if len(weights) != len(self.indices):
             raise InvalidInput(f"population objective: {len(self.indices)} neurons, {len(weights)} weights")
         self.weights = [float(w) for w in weights]
-        self._index = torch.tensor(self.indices, dtype=torch.long)
-        self._weight = torch.tensor(self.weights, dtype=torch.float32)
+        # A mean stays a mean in numpy (bit for bit what sessions journaled before the algebra scored them).
+        self.is_mean = weights_given is None
+        self._tensors: tuple[Tensor, Tensor] | None = None
 
     def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
-        picked = rates.index_select(1, self._index.to(rates.device))
-        return picked @ self._weight.to(rates.device, rates.dtype)
+        if self._tensors is None:
+            import torch
+
+            self._tensors = (
+                torch.tensor(self.indices, dtype=torch.long),
+                torch.tensor(self.weights, dtype=torch.float32),
+            )
+        index, weight = self._tensors
+        picked = rates.index_select(1, index.to(rates.device))
+        return picked @ weight.to(rates.device, rates.dtype)
+
+    def score_array(self, rates: np.ndarray) -> np.ndarray:
+        picked = np.asarray(rates, dtype=np.float64)[:, self.indices]
+        if self.is_mean:
+            return picked.mean(axis=1)
+        return picked @ np.asarray(self.weights, dtype=np.float64)
 
     @property
     def target(self) -> int:
@@ -269,6 +320,8 @@ class OneHotPopulation(Objective):
         self.log = bool(log)
 
     def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
+        import torch
+
         if self.population is None:
             pool, position = rates, self.index
         else:
@@ -306,6 +359,8 @@ class Diversity(Objective):
         self.on = on
 
     def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
+        import torch
+
         if self.on == "images":
             if images is None:
                 raise InvalidInput("diversity on images needs the images")
@@ -374,6 +429,8 @@ class Agreement(Objective):
         return True
 
     def score(self, rates: Tensor, images: Tensor | None, groups: Tensor | None) -> Tensor:
+        import torch
+
         if rates.dim() == 2:
             rates = rates[:, None, :]
         batch, members, count = rates.shape
@@ -427,6 +484,30 @@ def agreement(
     inner: Objective, aggregate: str = "softmin", temperature: float = 1.0, disagreement: float = 0.0
 ) -> Objective:
     return Agreement(inner, aggregate, temperature, disagreement)
+
+
+def response_objective(kind: str, targets: Sequence[int], neuron_count: int) -> Objective:
+    """A closed-loop session's objective over its recorded neurons.
+
+    ``"mean"``: the mean rate of the targets; ``"contrast"``: that minus the mean rate of every
+    other recorded neuron.
+    """
+    targets = [int(t) for t in targets]
+    if kind == "mean":
+        return Population(targets)
+    if kind == "contrast":
+        chosen = set(targets)
+        others = [i for i in range(neuron_count) if i not in chosen]
+        if not others:
+            raise InvalidInput("objective 'contrast' needs at least one recorded neuron that is not a target")
+        return Population(targets) - Population(others)
+    raise InvalidInput(f"objective {kind!r}: expected one of {RESPONSE_OBJECTIVES}")
+
+
+def objective_scores(means: np.ndarray, targets: Sequence[int], kind: str) -> np.ndarray:
+    """Per-stimulus score of responses averaged over repeats, ``means`` [n, neurons] (float64)."""
+    means = np.asarray(means, dtype=np.float64)
+    return response_objective(kind, targets, means.shape[1]).score_array(means)
 
 
 # ---------------------------------------------------------------------------------------------------

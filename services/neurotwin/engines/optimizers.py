@@ -154,6 +154,24 @@ class AskTellOptimizer(ABC):
         self.generation += 1
         self.evaluations += latents.shape[0]
 
+    # -- screening: sample more candidates than are measured --------------------------------------------
+
+    def propose(self, n: int) -> np.ndarray:
+        """``n`` candidates [n, D] of which the caller measures a ``population``-sized subset.
+
+        Only optimizers that can learn from any such subset sample more than their population; the
+        others' next generation is fully determined, so there is nothing to choose from.
+        """
+        if n != self.population:
+            raise InvalidInput("twin pre-screening (candidates_per_presentation > 1) needs cma-es")
+        return self.ask()
+
+    def update(self, latents: np.ndarray, scores: np.ndarray) -> None:
+        """Scores of the ``latents`` chosen among the last :meth:`propose` (rows in order)."""
+        if not np.array_equal(latents, self.ask()):
+            raise InvalidInput(f"{self.method} update: latents are not the pending generation")
+        self.tell(scores)
+
     # -- state ----------------------------------------------------------------------------------------
 
     def _common_state(self) -> dict[str, Any]:
@@ -319,6 +337,23 @@ class CMAES(AskTellOptimizer):
         # pycma minimizes and wants the very arrays it handed out.
         with single_threaded_blas():
             self.es.tell(list(latents), list(-scores))
+
+    def propose(self, n: int) -> np.ndarray:
+        # pycma can sample any number of points from its current distribution and learns from any
+        # popsize-sized subset of them.
+        if n == self.population:
+            return self.ask()
+        self._pending = None
+        return np.asarray(self.es.ask(number=n), dtype=np.float64)
+
+    def update(self, latents: np.ndarray, scores: np.ndarray) -> None:
+        self._pending = np.asarray(latents, dtype=np.float64)
+        self.tell(scores)
+        # pycma remembers every point it handed out (up to 1,000) until it is told about it; the
+        # candidates passed over never will be, and would bloat every journaled state.
+        archive = getattr(self.es, "sent_solutions", None)
+        if archive is not None:
+            archive.truncate_to(0)
 
     def state_dict(self) -> dict[str, Any]:
         state = self._common_state()

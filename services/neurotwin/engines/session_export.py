@@ -46,6 +46,7 @@ from neurotwin.engines.journal import (
     SessionRecord,
     StimulusRecord,
 )
+from neurotwin.engines.objectives import objective_scores
 from neurotwin.engines.session_metadata import (
     DEFAULT_RESPONSE_UNITS,
     UNKNOWN_AGE,
@@ -136,8 +137,6 @@ def export_session(
 
 
 def _scores(data: SessionData, means: np.ndarray) -> np.ndarray:
-    from neurotwin.engines.closed_loop import objective_scores
-
     if not len(means):
         return np.zeros(0)
     return objective_scores(means, data.config["target_neurons"], data.config["objective"])

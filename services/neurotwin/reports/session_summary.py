@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from neurotwin.engines.journal import NATURAL, SYNTHETIC, ResponseRecord, StimulusRecord
+from neurotwin.engines.objectives import objective_scores
 from neurotwin.engines.session_export import SessionData
 
 
@@ -81,8 +82,6 @@ class SessionSummary:
 
 
 def _scores(data: SessionData, means: np.ndarray) -> np.ndarray:
-    from neurotwin.engines.closed_loop import objective_scores
-
     if not len(means):
         return np.zeros(0)
     return objective_scores(means, data.config["target_neurons"], data.config["objective"])

@@ -1,0 +1,105 @@
+"""The images a session shows: rendered latents, natural images from a folder or zip, their encoding."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neurotwin.engines.journal import NaturalImage
+from neurotwin.errors import InvalidInput
+from neurotwin.imagecodec import decode_image, encode_jpeg, encode_png_fast, resize_batch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MAX_NATURAL_FILE_BYTES = 64 * 1024 * 1024
+RENDER_CHUNK = 64
+
+
+def encode_stimulus(image: np.ndarray, fmt: str) -> bytes:
+    return encode_png_fast(image) if fmt == "png" else encode_jpeg(image, quality=95)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def render_latents(generator: Any, latents: np.ndarray, size: int) -> np.ndarray:
+    """Latents [n, D] -> uint8 [n, size, size, 3] through the generator, in chunks."""
+    import torch
+
+    out = np.empty((len(latents), size, size, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        for start in range(0, len(latents), RENDER_CHUNK):
+            z = torch.as_tensor(
+                latents[start : start + RENDER_CHUNK], dtype=torch.float32, device=generator.device
+            )
+            images = generator(z).float().clamp_(0, 1).mul_(255).round_()
+            pixels = images.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+            # Quantize at the generator's resolution, then resample: cheaper than resampling floats.
+            out[start : start + len(z)] = resize_batch(pixels, size, size)
+    return out
+
+
+def natural_entries(source: Path) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every image in a folder (recursively) or a .zip, sorted by name."""
+    entries: list[tuple[str, bytes]] = []
+    if source.is_dir():
+        for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            if path.is_file():
+                if path.stat().st_size > MAX_NATURAL_FILE_BYTES:
+                    raise InvalidInput(f"natural image {path}: larger than {MAX_NATURAL_FILE_BYTES} bytes")
+                entries.append((str(path.relative_to(source)), path.read_bytes()))
+        return entries
+    if source.is_file() and zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as archive:
+            for info in sorted(archive.infolist(), key=lambda i: i.filename):
+                name = info.filename
+                if (
+                    info.is_dir()
+                    or name.startswith("__MACOSX/")
+                    or Path(name).suffix.lower() not in IMAGE_SUFFIXES
+                ):
+                    continue
+                # The declared size is checked before inflating, so a zip bomb costs nothing.
+                if info.file_size > MAX_NATURAL_FILE_BYTES:
+                    raise InvalidInput(
+                        f"natural image {source}:{name}: larger than {MAX_NATURAL_FILE_BYTES} bytes"
+                    )
+                entries.append((name, archive.read(info)))
+        return entries
+    raise InvalidInput(f"natural_source {source}: not a folder or a .zip of images")
+
+
+def natural_image_bytes(source: str | Path) -> list[bytes]:
+    """The encoded bytes of every image in a folder or a .zip, in name order (what a rig would upload)."""
+    return [data for _, data in natural_entries(Path(source))]
+
+
+def prepare_natural_images(
+    entries: Sequence[tuple[str, bytes]], image_size: int, image_format: str, limit: int
+) -> list[NaturalImage]:
+    """Decode, resize to the session's image size and encode in its format, once, at creation."""
+    if len(entries) > limit:
+        raise InvalidInput(f"{len(entries)} natural images; this server accepts at most {limit} per session")
+    prepared: list[NaturalImage] = []
+    for index, (name, data) in enumerate(entries):
+        pixels = decode_image(data, what=f"natural image {name}")
+        pixels = resize_batch(pixels[None], image_size, image_size)[0]
+        encoded = encode_stimulus(pixels, image_format)
+        prepared.append(NaturalImage(index, name, sha256_hex(encoded), encoded))
+    return prepared
+
+
+def resolve_natural_source(source: str, root: str) -> Path:
+    """The folder or zip a session's natural images come from, confined to ``root`` when set."""
+    if not root:
+        return Path(source).expanduser()
+    base = Path(root).expanduser().resolve()
+    path = (base / source).resolve()
+    if path != base and base not in path.parents:
+        raise InvalidInput(f"natural_source {source!r} is outside the server's natural-image root")
+    return path

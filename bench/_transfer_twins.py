@@ -50,6 +50,22 @@ class TrainingPlan:
             return ["--core", "conv", "--hidden", "8", "--input-size", "32", "--epochs", "4", "--seed", "0"]
         return ["--helper-session", "all", "--split", "random", "--seed", "0"]
 
+    def member_args(self, seed: int) -> list[str]:
+        if self.quick:
+            return [
+                "--core",
+                "conv",
+                "--hidden",
+                "8",
+                "--input-size",
+                "32",
+                "--epochs",
+                "3",
+                "--seed",
+                str(seed),
+            ]
+        return ["--seed", str(seed), "--split", "random"]
+
     def independent_args(self, kind: str) -> list[str]:
         if kind == "conv":
             size = ["--hidden", "8", "--input-size", "32", "--epochs", "4"] if self.quick else []
@@ -71,6 +87,23 @@ def _train(data: Path, sessions: list[str], out: Path, extra: list[str], log: Ca
     code = neurotwin(argv)
     if code not in (0, None):
         raise SystemExit(f"neurotwin train failed ({code}): {' '.join(argv)}")
+
+
+def member_name(session: str, index: int) -> str:
+    """Extra ensemble member ``index`` (0-based) of twin A for the ``ens=K`` lever."""
+    return f"ens-{session}-s{10 + index}"
+
+
+def prepare_members(
+    work: ModelStore, data: Path, session: str, count: int, plan: TrainingPlan, log: Callable[[str], None]
+) -> list[str]:
+    """Twin A's extra ensemble members: single-session twins of A's architecture, seeds 10, 11, ..."""
+    names = [member_name(session, i) for i in range(count)]
+    for i, name in enumerate(names):
+        if name not in work.names(PREDICTORS):
+            log(f"training ensemble member {name}")
+            _train(data, [session], work.root / PREDICTORS / name, plan.member_args(10 + i), log)
+    return names
 
 
 def twin_a_name(session: str) -> str:

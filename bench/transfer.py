@@ -39,11 +39,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _transfer_levers import Lever
 from _transfer_twins import (
     INDEPENDENT,
     TrainingPlan,
     independent_name,
     load_session,
+    prepare_members,
     prepare_store,
     ridge_twin,
     twin_a_name,
@@ -104,7 +106,15 @@ class Scored:
 
 
 def synthesize_session(
-    service: Any, model: str, method: Method, neurons: list[int], k: int, budget: int
+    service: Any,
+    model: str,
+    method: Method,
+    neurons: list[int],
+    k: int,
+    budget: int,
+    lever: Lever,
+    members: list[Any],
+    natural_max: np.ndarray,
 ) -> tuple[np.ndarray, float]:
     """uint8 [neurons, k, H, W, 3] stimuli, every neuron's job submitted at once (one batched run)."""
     from neurotwin.v1 import synthesizer_pb2 as pb
@@ -122,7 +132,8 @@ def synthesize_session(
             seed=n,
         )
         loaded, job_request = service.build(request)
-        jobs.append(service.scheduler.submit(loaded.pair, job_request))
+        pair, job_request = lever.apply(loaded.pair, job_request, members, float(natural_max[n]))
+        jobs.append(service.scheduler.submit(pair, job_request))
     service.scheduler.run_until_idle()
     images = np.stack([job.result(timeout=0).images for job in jobs])
     return images, time.perf_counter() - started
@@ -152,7 +163,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     settings = Settings(model_store=str(work.root), device=args.device, max_jobs=10_000, max_images=64)
     service = SynthesizerService(settings, start=False)
     methods = [METHODS[m] for m in args.methods]
-    results: dict[str, dict[str, Scored]] = {m.name: {} for m in methods}
+    levers = [Lever.parse(text) for text in args.lever] or [Lever()]
+    rows = [(method, lever) for lever in levers for method in methods]
+    results: dict[str, dict[str, Scored]] = {row_key(m, lv): {} for m, lv in rows}
     baseline: dict[str, dict[str, np.ndarray]] = {}
     twins_info: dict[str, dict[str, Any]] = {}
     neurons_used: dict[str, list[int]] = {}
@@ -175,6 +188,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
                     scorers[kind] = OnnxTwin(work, independent_name(kind, session))
                     r = scorers[kind].heldout_r
                 info[kind] = {"heldout_median_r": r}
+            members = load_members(work, data, session, max(lv.ensemble_size for lv in levers), plan, log)
+            info["members"] = {m.name: m.heldout_r for m in members}
             twins_info[session] = info
             neurons = pick_neurons(rec.n_neurons, args.neurons)
             neurons_used[session] = neurons
@@ -187,29 +202,51 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
                 kind: np.array([natural_b[kind][top_a[n], n] / max_b[kind][n] for n in neurons])
                 for kind in scorers
             }
-            for method in methods:
+            idx = np.array(neurons)
+            for method, lever in rows:
                 budget = args.budget.get(method.name, 0)
-                log(
-                    f"{session}: {method.name} on {twin_a_name(session)}, "
-                    f"{len(neurons)} neurons x {args.images}"
-                )
+                log(f"{session}: {row_key(method, lever)}, {len(neurons)} neurons x {args.images}")
+                modules = [m.module for m in members[: lever.ensemble_size]]
                 images, seconds = synthesize_session(
-                    service, twin_a_name(session), method, neurons, args.images, budget
+                    service, twin_a_name(session), method, neurons, args.images, budget, lever, modules, max_a
                 )
                 flat = images.reshape(-1, *images.shape[2:])
                 rates_a = twin_a.predict(flat).reshape(len(neurons), args.images, -1)
-                idx = np.array(neurons)
                 scored = Scored(
                     self_ratio=rates_a[np.arange(len(neurons)), :, idx] / max_a[idx][:, None], seconds=seconds
                 )
                 for kind, scorer in scorers.items():
                     rates_b = scorer.predict(flat).reshape(len(neurons), args.images, -1)
                     scored.ratios[kind] = rates_b[np.arange(len(neurons)), :, idx] / max_b[kind][idx][:, None]
-                results[method.name][session] = scored
+                results[row_key(method, lever)][session] = scored
                 log(f"  {seconds:.0f} s; " + summary_line(scored))
     finally:
         service.stop()
-    return report(args, methods, results, baseline, twins_info, neurons_used)
+    return report(args, rows, results, baseline, twins_info, neurons_used)
+
+
+def row_key(method: Method, lever: Lever) -> str:
+    return f"{method.name} [{lever.describe()}]"
+
+
+@dataclass
+class Member:
+    name: str
+    module: Any
+    heldout_r: float | None
+
+
+def load_members(
+    work: ModelStore, data: Path, session: str, count: int, plan: TrainingPlan, log: Callable[[str], None]
+) -> list[Member]:
+    """Twin A's extra ensemble members as differentiable twins (trained on first use)."""
+    from neurotwin.runtimes.onnx_torch import load_differentiable_twin
+
+    out = []
+    for name in prepare_members(work, data, session, count, plan, log) if count else []:
+        module, card = load_differentiable_twin(work.resolve(PREDICTORS, name), "cpu", parity_images=0)
+        out.append(Member(name, module, card.metrics.get("test", {}).get("median_r")))
+    return out
 
 
 def summary_line(scored: Scored) -> str:
@@ -223,16 +260,16 @@ def _stats(values: np.ndarray) -> dict[str, float]:
 
 def report(
     args: argparse.Namespace,
-    methods: list[Method],
+    rows: list[tuple[Method, Lever]],
     results: dict[str, dict[str, Scored]],
     baseline: dict[str, dict[str, np.ndarray]],
     twins_info: dict[str, dict[str, Any]],
     neurons_used: dict[str, list[int]],
 ) -> dict[str, Any]:
-    rows: list[dict[str, Any]] = []
+    out_rows: list[dict[str, Any]] = []
     base_all = np.concatenate([v for per in baseline.values() for v in per.values()])
-    for method in methods:
-        per_session = results[method.name]
+    for method, lever in rows:
+        per_session = results[row_key(method, lever)]
         best = np.concatenate([r.max(axis=1) for s in per_session.values() for r in s.ratios.values()])
         mean = np.concatenate([r.mean(axis=1) for s in per_session.values() for r in s.ratios.values()])
         own = np.concatenate([s.self_ratio.max(axis=1) for s in per_session.values()])
@@ -240,25 +277,30 @@ def report(
             kind: _stats(np.concatenate([s.ratios[kind].max(axis=1) for s in per_session.values()]))
             for kind in INDEPENDENT
         }
-        rows.append(
+        out_rows.append(
             {
                 "method": method.name,
+                "lever": lever.describe(),
                 "description": method.description,
                 "budget": args.budget.get(method.name, 0) or "default",
                 "on_A_best": _stats(own),
                 "best_of_k": _stats(best),
                 "average_image": _stats(mean),
                 "per_independent_twin_best_of_k": per_b,
+                "per_session_best_of_k": {
+                    session: _stats(np.concatenate([r.max(axis=1) for r in s.ratios.values()]))
+                    for session, s in per_session.items()
+                },
                 "seconds": sum(s.seconds for s in per_session.values()),
             }
         )
     return {
-        "sessions": list(results[methods[0].name]) if methods else [],
+        "sessions": list(neurons_used),
         "neurons": neurons_used,
         "images_per_neuron": args.images,
         "twins": twins_info,
         "baseline_top_natural_of_A": _stats(base_all),
-        "methods": rows,
+        "methods": out_rows,
         "quick": bool(args.quick),
         "torch_threads": torch.get_num_threads(),
     }
@@ -267,20 +309,20 @@ def report(
 def markdown(result: dict[str, Any]) -> str:
     k = result["images_per_neuron"]
     lines = [
-        f"| method | budget | on A (best of {k}) | on B: best of {k}, median | > 1 |"
+        f"| method | lever | budget | on A (best of {k}) | on B: best of {k}, median | > 1 |"
         " average image, median | > 1 | per B (conv / lite / ridge), best-of-k median |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["methods"]:
         per_b = " / ".join(f"{row['per_independent_twin_best_of_k'][b]['median']:.2f}" for b in INDEPENDENT)
         lines.append(
-            f"| {row['description']} | {row['budget']} | {row['on_A_best']['median']:.2f} | "
+            f"| {row['description']} | {row['lever']} | {row['budget']} | {row['on_A_best']['median']:.2f} | "
             f"**{row['best_of_k']['median']:.2f}** | {row['best_of_k']['above_1']:.0%} | "
             f"{row['average_image']['median']:.2f} | {row['average_image']['above_1']:.0%} | {per_b} |"
         )
     base = result["baseline_top_natural_of_A"]
     lines.append(
-        f"| baseline: A's top natural image | - | 1.00 | {base['median']:.2f} | {base['above_1']:.0%} |"
+        f"| baseline: A's top natural image | - | - | 1.00 | {base['median']:.2f} | {base['above_1']:.0%} |"
         " - | - | - |"
     )
     return "\n".join(lines)
@@ -313,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=4, help="images per neuron (k)")
     parser.add_argument(
         "--budget", default="", help="METHOD=N overrides of the service defaults, e.g. cmaes=1000"
+    )
+    parser.add_argument(
+        "--lever",
+        action="append",
+        default=[],
+        help="key=value,... (bench/_transfer_levers.py); repeat for rows",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

@@ -35,26 +35,22 @@ def test_quick_transfer_bench_trains_twins_and_scores_stimuli_on_them(tmp_path: 
     (project / "predictors").mkdir()
     runs = tmp_path / "runs"
     out = tmp_path / "result.json"
-    argv = [
+    common = [
         "--quick",
         "--runs",
         str(runs),
         "--model-store",
         str(project),
-        "--json",
-        str(out),
         "--data",
         str(tmp_path / "no-such-data"),
-        "--methods",
-        "gradient,pixels,cmaes",
     ]
-    assert bench.main(argv) == 0
+    assert bench.main([*common, "--json", str(out), "--methods", "gradient,pixels,cmaes"]) == 0
     result = json.loads(out.read_text())
     assert result["quick"] and result["sessions"] == ["000001"]
     assert result["neurons"]["000001"] == [0, 2, 5]
     twins = result["twins"]["000001"]
     assert twins["A"]["origin"] == "trained here"
-    assert set(twins) == {"A", "conv", "lite", "ridge"}
+    assert set(twins) == {"A", "conv", "lite", "ridge", "members"} and twins["members"] == {}
     rows = {row["method"]: row for row in result["methods"]}
     assert set(rows) == {"gradient", "pixels", "cmaes"}
     for row in rows.values():
@@ -63,26 +59,21 @@ def test_quick_transfer_bench_trains_twins_and_scores_stimuli_on_them(tmp_path: 
         assert np.isfinite(row["best_of_k"]["median"]) and row["best_of_k"]["median"] > 0
         assert row["best_of_k"]["median"] >= row["average_image"]["median"]
     assert result["baseline_top_natural_of_A"]["n"] == 9
-    # The twins are cached: a second run trains nothing and gives the same baseline.
+    # The twins are cached: a second run trains nothing but the ensemble member its lever asks for,
+    # and its defaults row repeats the first run's exactly.
     store = runs / "store" / "predictors"
     stamps = {p: p.stat().st_mtime for p in store.rglob("model.onnx")}
     assert len(stamps) == 3
     out2 = tmp_path / "again.json"
-    assert (
-        bench.main(
-            [
-                *argv[:-4],
-                "--json",
-                str(out2),
-                "--data",
-                str(tmp_path / "no-such-data"),
-                "--methods",
-                "gradient",
-            ]
-        )
-        == 0
-    )
-    assert {p: p.stat().st_mtime for p in store.rglob("model.onnx")} == stamps
+    lever = "ens=1,agg=softmin,disagree=0.2,clip=1.2,blur=0.02,jitter=0.1"
+    again_argv = [*common, "--json", str(out2), "--methods", "gradient", "--lever", "", "--lever", lever]
+    assert bench.main(again_argv) == 0
+    after = {p: p.stat().st_mtime for p in store.rglob("model.onnx")}
+    assert {p: t for p, t in after.items() if p in stamps} == stamps
+    assert sorted(p.parts[-3] for p in after if p not in stamps) == ["ens-000001-s10"]
     again = json.loads(out2.read_text())
     assert again["baseline_top_natural_of_A"] == result["baseline_top_natural_of_A"]
+    assert [row["lever"] for row in again["methods"]] == ["defaults", lever]
     assert again["methods"][0]["best_of_k"] == rows["gradient"]["best_of_k"]
+    assert list(again["twins"]["000001"]["members"]) == ["ens-000001-s10"]
+    assert again["methods"][1]["best_of_k"]["n"] == 9

@@ -543,12 +543,15 @@ def robustness_transforms(
     jitter: float = 0.06,
     scale: tuple[float, float] = (0.9, 1.1),
     rotate_degrees: float = 5.0,
+    blur: float = 0.0,
 ) -> torch.Tensor:
-    """Random per-image shift, scale and rotation of ``[B, 3, H, W]`` images (differentiable).
+    """Random per-image shift, scale, rotation and (``blur`` > 0) Gaussian blur of ``[B, 3, H, W]``
+    images (differentiable).
 
     Optimizing an objective averaged over small random transformations keeps synthesis from
     exploiting pixel-exact patterns the model would not respond to under a slight change of view.
-    ``jitter`` is the largest shift as a fraction of the image size. Borders are reflected, so no
+    ``jitter`` is the largest shift as a fraction of the image size; ``blur`` the largest blur sigma as
+    a fraction of it (each image draws its sigma uniformly below that). Borders are reflected, so no
     black frame appears. Output has the input's shape.
     """
     if images.dim() != 4:
@@ -565,4 +568,27 @@ def robustness_transforms(
         [torch.stack([cos, -sin, shift[:, 0]], dim=1), torch.stack([sin, cos, shift[:, 1]], dim=1)], dim=1
     )
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    moved = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if blur <= 0:
+        return moved
+    sigmas = blur * images.shape[-1] * _rand((batch,), generator).to(device=images.device, dtype=images.dtype)
+    return _gaussian_blur(moved, sigmas)
+
+
+def _gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Blur each image with its own sigma (pixels; 0 leaves it unchanged), separably, borders reflected."""
+    batch, channels, height, width = images.shape
+    radius = max(1, math.ceil(3 * float(sigmas.max())))
+    radius = min(radius, (min(height, width) - 1) // 2)
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    safe = sigmas.clamp_min(1e-3)[:, None]
+    kernel = torch.exp(-0.5 * (offsets[None, :] / safe) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # [B, 2r + 1]; sigma ~0 gives a delta
+    # Grouped convolution: one group per (image, channel), each image's kernel repeated over channels.
+    weights = kernel.repeat_interleave(channels, dim=0)
+    x = images.reshape(1, batch * channels, height, width)
+    x = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+    x = F.conv2d(x, weights[:, None, None, :], groups=batch * channels)
+    x = F.pad(x, (0, 0, radius, radius), mode="reflect")
+    x = F.conv2d(x, weights[:, None, :, None], groups=batch * channels)
+    return x.reshape(batch, channels, height, width)

@@ -55,4 +55,4 @@ WORKDIR /tmp
 EXPOSE 8000 8001 8002 8003
 ENTRYPOINT ["neurotwin", "serve"]
 CMD ["predictor", "--host", "0.0.0.0", "--port", "8001", "--http-port", "8000", "--metrics-port", "8002", \
-     "--model-store", "/models"]
+     "--metrics-host", "0.0.0.0", "--model-store", "/models"]

@@ -46,4 +46,5 @@ USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8001 8002 8003
 ENTRYPOINT ["neurotwin", "serve"]
-CMD ["synthesizer", "--host", "0.0.0.0", "--port", "8001", "--metrics-port", "8002", "--model-store", "/models"]
+CMD ["synthesizer", "--host", "0.0.0.0", "--port", "8001", "--metrics-port", "8002", \
+     "--metrics-host", "0.0.0.0", "--model-store", "/models"]

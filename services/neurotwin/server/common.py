@@ -91,9 +91,12 @@ class ServerMetrics:
 
 def _read(path: str, what: str) -> bytes:
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise InvalidInput(f"{what} {path}: {exc}") from exc
+    if not data.strip():
+        raise InvalidInput(f"{what} {path} is empty")
+    return data
 
 
 class GrpcServer:
@@ -218,10 +221,12 @@ class GrpcServer:
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         s = self.settings
-        if not (s.tls_cert or s.tls_key):
+        if not (s.tls_cert or s.tls_key or s.tls_client_ca):
             return None
+        # Any TLS setting means TLS was wanted: serving plaintext instead would fail open.
         if not (s.tls_cert and s.tls_key):
-            raise InvalidInput("TLS needs both tls_cert and tls_key")
+            missing = "tls_key" if s.tls_cert else "tls_cert" if s.tls_key else "tls_cert and tls_key"
+            raise InvalidInput(f"TLS needs both tls_cert and tls_key: {missing} not set")
         pair = (_read(s.tls_key, "TLS key"), _read(s.tls_cert, "TLS certificate"))
         client_ca = _read(s.tls_client_ca, "TLS client CA") if s.tls_client_ca else None
         return grpc.ssl_server_credentials(

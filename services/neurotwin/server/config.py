@@ -27,13 +27,15 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     port: int = 8001
-    # Prometheus metrics over HTTP; 0 picks a free port, -1 turns it off.
+    # Prometheus metrics over HTTP; 0 picks a free port, -1 turns it off. Loopback unless set (the
+    # page tells who runs what): deployments that scrape it from outside set 0.0.0.0.
     metrics_port: int = 8002
-    metrics_host: str = ""
+    metrics_host: str = "127.0.0.1"
     # Plaintext grpc.health.v1 (and nothing else) on its own port, for probes that cannot speak
     # TLS, such as the kubelet's native gRPC probes; -1 turns it off, 0 picks a free port.
+    # Loopback unless set, like metrics; Kubernetes deployments set 0.0.0.0 for the kubelet.
     health_port: int = -1
-    health_host: str = ""
+    health_host: str = "127.0.0.1"
     # HTTP/REST (the Open Inference Protocol under /v2) beside gRPC, with the same TLS, tokens and
     # drain; -1 turns it off, 0 picks a free port. Triton's convention is 8000.
     http_port: int = -1
@@ -65,13 +67,25 @@ class ServerSettings:
     grace_seconds: float = 15.0
 
     def tokens(self) -> frozenset[str]:
-        tokens = {t.strip() for t in self.auth_tokens if t.strip()}
+        """The accepted bearer tokens; empty means auth is off, which only happens when no token
+        source is configured at all. A configured source that yields no token fails closed."""
+        given = {t.strip() for t in self.auth_tokens if t.strip()}
+        if self.auth_tokens and not given:
+            raise InvalidInput("auth_tokens holds only blank entries; refusing to start with auth off")
+        tokens = set(given)
         if self.auth_token_file:
             try:
                 lines = Path(self.auth_token_file).read_text().splitlines()
-            except OSError as exc:
+            except (OSError, UnicodeDecodeError) as exc:
                 raise InvalidInput(f"auth_token_file {self.auth_token_file}: {exc}") from exc
-            tokens |= {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+            from_file = {line.strip() for line in lines}
+            from_file = {line for line in from_file if line and not line.startswith("#")}
+            if not from_file:
+                raise InvalidInput(
+                    f"auth_token_file {self.auth_token_file} holds no tokens (only comments or blank "
+                    "lines); refusing to start with auth off"
+                )
+            tokens |= from_file
         return frozenset(tokens)
 
 

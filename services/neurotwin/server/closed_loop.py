@@ -403,6 +403,10 @@ def attach(server: GrpcServer, settings: Settings) -> ClosedLoopEngine:
         [SERVICE_NAME],
         on_stop=stop,
     )
+    if server.http is not None:
+        from neurotwin.server import dashboard
+
+        dashboard.attach(server, engine)
     sessions = engine.list_sessions(open_only=True)
     log.info(
         "closed loop: journal %s with %d open session(s); model store %s",

@@ -5,6 +5,10 @@ bearer tokens and TLS certificate (and client CA), the drain (new requests get 5
 ones finish, then it stops with the gRPC server), and the Prometheus registry. Every path needs the
 token except ``/v2/health/*``, the probes' endpoints, as grpc.health.v1 is exempt on the gRPC side.
 
+A path prefix that browsers load (the dashboard under ``/ui/``) may register a ``BrowserAuth``: a
+browser cannot put a bearer header on a page load, so such paths also accept what it admits (a
+cookie the dashboard issues for the token) and answer refusals their own way (a login redirect).
+
 Routes raise ``neurotwin.errors`` exceptions; here they become the Open Inference Protocol's error
 body ``{"error": "..."}`` with the matching HTTP status. Unexpected errors are logged and answered
 with a 500 that carries no internal detail.
@@ -20,7 +24,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from prometheus_client import Counter, Histogram
@@ -118,6 +122,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return data
 
 
+class BrowserAuth(Protocol):
+    """Another credential than the bearer header, for ``prefix`` (no trailing slash) and below."""
+
+    prefix: str
+
+    def admits(self, method: str, path: str, headers: dict[str, str]) -> bool:
+        """True when the request may pass without a valid bearer header."""
+        ...
+
+    def refused(self, method: str, path: str) -> Response:
+        """The answer to a request that has neither credential."""
+        ...
+
+
 class _Gate:
     """ASGI middleware: auth, drain, in-flight accounting, metrics and logging of unexpected errors."""
 
@@ -144,6 +162,13 @@ class _Gate:
             if counted:
                 headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
                 refusal = server.refusal(headers)
+                if refusal is not None and refusal[0] == grpc.StatusCode.UNAUTHENTICATED:
+                    browser = self.http.browser_auth(path)
+                    if browser is not None:
+                        if not browser.admits(scope["method"], path, headers):
+                            await browser.refused(scope["method"], path)(scope, receive, send_and_record)
+                            return
+                        refusal = None
                 if refusal is not None:
                     await response_for(*refusal)(scope, receive, send_and_record)
                     return
@@ -171,6 +196,7 @@ class HttpServer:
         self.server = server
         self.settings = server.settings
         self.routes: list[BaseRoute] = []
+        self._browser_auth: list[BrowserAuth] = []
         self.port: int | None = None
         self._uvicorn: Any = None
         self._thread: threading.Thread | None = None
@@ -190,6 +216,14 @@ class HttpServer:
 
     def add_routes(self, routes: Sequence[BaseRoute]) -> None:
         self.routes.extend(routes)
+
+    def add_browser_auth(self, auth: BrowserAuth) -> None:
+        self._browser_auth.append(auth)
+
+    def browser_auth(self, path: str) -> BrowserAuth | None:
+        return next(
+            (a for a in self._browser_auth if path == a.prefix or path.startswith(a.prefix + "/")), None
+        )
 
     @property
     def max_body_bytes(self) -> int:

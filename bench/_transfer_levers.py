@@ -9,6 +9,7 @@ A lever is ``key=value`` pairs joined by commas, e.g. ``clip=1.5,blur=0.02`` or 
   + F std (hidden-code priors);
 - ``jitter=F`` ``scale=F`` (+-) ``rotate=F`` (degrees) ``blur=F`` (sigma / image size): the robustness
   transforms' strengths; ``transforms=0`` turns them off;
+- ``init=N`` start from the best of N prior samples (pre-screened on the twin, for every method);
 - ``ens=K`` synthesize on an ensemble of twin A and K more twins of the same session (single-session
   Lite0 twins, seeds 10, 11, ...; trained and cached by the bench), ``agg=mean|softmin|min``,
   ``temp=F`` (soft-min temperature, relative to each neuron's natural maximum on A) and
@@ -25,7 +26,7 @@ from neurotwin.engines.objectives import Agreement, Scaled
 from neurotwin.engines.synthesis import ModelPair, SynthesisRequest
 
 FLOAT_KEYS = ("lr", "clip", "decay", "high", "jitter", "scale", "rotate", "blur", "temp", "disagree")
-INT_KEYS = ("steps", "ens", "transforms")
+INT_KEYS = ("steps", "ens", "transforms", "init")
 TEXT_KEYS = ("agg",)
 
 
@@ -94,6 +95,8 @@ class Lever:
                 if "blur" in v:
                     kwargs["blur"] = v["blur"]
                 request = replace(request, transforms=functools.partial(robustness_transforms, **kwargs))
+        if "init" in v:
+            request = replace(request, init_candidates=int(v["init"]))
         if members:
             from neurotwin.runtimes.twin_ensemble import TwinEnsemble
 

@@ -74,6 +74,7 @@ __all__ = [
 METHODS = ("gradient", "cmaes", "genetic")
 DEFAULT_POPULATION = {"cmaes": 40, "genetic": 20}
 MAX_IMAGES_PER_JOB = 64
+MAX_INIT_CANDIDATES = 4096
 
 
 class SynthesisFailed(NeurotwinError):
@@ -154,6 +155,12 @@ class SynthesisRequest:
     optimizer run of ``population`` candidates per generation). ``transforms``: robustness transforms
     for gradient ascent (True: the priors module's jitter/scale/rotate; a callable ``(images,
     generator) -> images``; False: none). ``deadline``: a ``time.monotonic()`` instant.
+
+    Starting codes: by default the prior's random samples. ``init_candidates`` > 0 samples that many
+    codes instead and starts from the ones the objective scores highest (pre-screening on the twin);
+    ``initial_latents`` ``[C, D]`` adds given candidate codes (e.g. natural images inverted into the
+    prior), screened the same way. Gradient and CMA-ES start each image from one of the best codes; the
+    genetic algorithm's first generations are the best ``n_images * population``.
     """
 
     objective: Objective
@@ -169,6 +176,8 @@ class SynthesisRequest:
     transforms: bool | Transform | None = None
     deadline: float | None = None
     name: str = ""
+    init_candidates: int = 0
+    initial_latents: np.ndarray | None = None
 
     def total_steps(self) -> int:
         if self.method == "gradient":
@@ -195,6 +204,17 @@ class SynthesisRequest:
             raise InvalidInput(f"n_images must be in 1..{MAX_IMAGES_PER_JOB}, got {self.n_images}")
         if self.preview_every < 0:
             raise InvalidInput(f"preview_every must be >= 0, got {self.preview_every}")
+        if not 0 <= int(self.init_candidates) <= MAX_INIT_CANDIDATES:
+            raise InvalidInput(
+                f"init_candidates must be in 0..{MAX_INIT_CANDIDATES}, got {self.init_candidates}"
+            )
+        if self.initial_latents is not None:
+            codes = np.asarray(self.initial_latents)
+            if codes.ndim != 2 or codes.shape[1] != pair.latent_dim or not np.all(np.isfinite(codes)):
+                raise InvalidInput(
+                    f"initial_latents must be finite codes [C, {pair.latent_dim}], "
+                    f"got shape {list(codes.shape)}"
+                )
         if self.method != "gradient" and self.population_size() < 2:
             raise InvalidInput(f"population must be >= 2, got {self.population_size()}")
         count = pair.neuron_count
@@ -521,6 +541,25 @@ def _latent_bounds(pair: ModelPair) -> tuple[float | None, float | None] | None:
     return (None if low is None else float(low), None if high is None else float(high))
 
 
+def _starting_latents(
+    pair: ModelPair, request: SynthesisRequest, needed: int, generator: torch.Generator, device: torch.device
+) -> Tensor:
+    """``needed`` starting codes: the prior's samples, or the best-scoring of the request's candidates."""
+    if not request.init_candidates and request.initial_latents is None:
+        return pair.prior.sample_latents(needed, generator)
+    parts = []
+    if request.initial_latents is not None:
+        parts.append(torch.as_tensor(np.asarray(request.initial_latents), dtype=torch.float32))
+    sampled = max(int(request.init_candidates), needed - sum(p.shape[0] for p in parts))
+    if sampled > 0:
+        parts.append(pair.prior.sample_latents(sampled, generator).float().cpu())
+    candidates = torch.cat(parts)
+    scores, _ = score_latents(pair, candidates, request.objective, device)
+    # Stable order: ties keep the candidates' order, so a seed reproduces the same starts.
+    best = np.argsort(-scores, kind="stable")[:needed]
+    return candidates[torch.from_numpy(best)]
+
+
 def _build_runner(job: SynthesisJob, device: torch.device) -> _Runner:
     request, pair = job.request, job.pair
     seeds = np.random.SeedSequence(int(request.seed))
@@ -535,7 +574,7 @@ def _build_runner(job: SynthesisJob, device: torch.device) -> _Runner:
     if request.method == "gradient":
         base = request.gradient or GradientConfig(latent_std=std, bounds=bounds)
         config = replace(base, steps=int(request.budget))
-        latents = pair.prior.sample_latents(n, latent_gen).float().to(device)
+        latents = _starting_latents(pair, request, n, latent_gen, device).float().to(device)
         transform = _resolve_transform(request.transforms, config)
         return _GradientRunner(latents, config, transform, torch.Generator().manual_seed(transform_seed))
     population = request.population_size()
@@ -544,12 +583,12 @@ def _build_runner(job: SynthesisJob, device: torch.device) -> _Runner:
     if request.method == "cmaes":
         cfg = request.cmaes or CMAESConfig(sigma0=0.5 * std, bounds=bounds)
         cfg = replace(cfg, population=population)
-        starts = pair.prior.sample_latents(n, latent_gen).double().cpu().numpy()
+        starts = _starting_latents(pair, request, n, latent_gen, device).double().cpu().numpy()
         lanes = [CMAES(starts[i], cfg, seed=lane_seeds[i]) for i in range(n)]
     else:
         gcfg = request.genetic or GeneticConfig(latent_std=std, bounds=bounds)
         gcfg = replace(gcfg, population=population)
-        starts = pair.prior.sample_latents(n * population, latent_gen).double().cpu().numpy()
+        starts = _starting_latents(pair, request, n * population, latent_gen, device).double().cpu().numpy()
         lanes = [
             GeneticAlgorithm(starts[i * population : (i + 1) * population], gcfg, seed=lane_seeds[i])
             for i in range(n)

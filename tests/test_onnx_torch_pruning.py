@@ -368,14 +368,27 @@ def test_rules_on_small_graphs(name: str) -> None:
         np.testing.assert_allclose(got, expected[:, outputs], atol=1e-5, rtol=1e-5, err_msg=name)
 
 
-def test_a_graph_with_several_outputs_is_refused() -> None:
+def test_several_outputs_are_cut_together_when_their_neurons_agree() -> None:
     model = graph_model(
         [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["z"])],
         {"x": _f(2, 3)},
         {"y": F32, "z": F32},
     )
-    with pytest.raises(ModelStoreError, match="one graph output"):
-        prune_outputs(model, [0])
+    pruned = prune_outputs(model, [2, 0])
+    x = np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32)
+    y, z = ort.InferenceSession(pruned.model.SerializeToString()).run(None, {"x": x})
+    np.testing.assert_allclose(y, np.maximum(x, 0)[:, [2, 0]])
+    np.testing.assert_allclose(z, -x[:, [2, 0]])
+    wider = graph_model(
+        [
+            helper.make_node("Relu", ["x"], ["y"]),
+            helper.make_node("Concat", ["x", "x"], ["z"], axis=1),
+        ],
+        {"x": _f(2, 3)},
+        {"y": F32, "z": F32},
+    )
+    with pytest.raises(ModelStoreError, match="disagree on the neuron count"):
+        prune_outputs(wider, [0])
 
 
 def test_unpruned_loading_is_unchanged(stored: dict) -> None:

@@ -32,13 +32,35 @@ class InputSpec:
     name: str = "images"
 
 
+# Name of the optional second output of an ensemble twin: every member's rates.
+MEMBER_OUTPUT = "member_rates"
+
+
 @dataclass
 class OutputSpec:
-    """Rates out: float32 [N, neurons]."""
+    """Rates out: float32 [N, neurons] under ``name``.
+
+    An ensemble twin (``members`` > 1) returns the members' mean there and, as a second graph output
+    named ``member_output``, each member's rates float32 [N, members, neurons], so synthesis can ask
+    the members to agree. Servers read ``name`` only.
+    """
 
     name: str = "rates"
     dtype: str = "float32"
     units: str = "spikes per 100 ms window"
+    members: int = 1
+    member_output: str | None = None
+
+    def __post_init__(self) -> None:
+        if int(self.members) < 1:
+            raise ModelStoreError(f"output.members must be at least 1, got {self.members}")
+        if self.member_output is not None and self.member_output == self.name:
+            raise ModelStoreError(f"output.member_output {self.member_output!r} repeats the output name")
+
+    @property
+    def graph_outputs(self) -> list[str]:
+        """The graph's output names, in order."""
+        return [self.name] if self.member_output is None else [self.name, self.member_output]
 
 
 @dataclass

@@ -168,17 +168,31 @@ def onnx_opset(model: object) -> int:
 
 
 def check_predictor_graph(model: object, card: PredictorCard, source: object) -> None:
-    """The graph must take uint8 [N, H, W, 3] and return float [N, K] with K = card neurons."""
+    """The graph must take uint8 [N, H, W, 3] and return float [N, K] with K = card neurons, under the
+    card's output name; an ensemble also returns its members' rates float [N, members, K]."""
     import onnx
 
     opset = onnx_opset(model)
     if opset < MIN_OPSET:
         raise ModelStoreError(f"{source}: opset {opset} is below the minimum {MIN_OPSET}")
     graph_inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    if len(graph_inputs) != 1 or len(model.graph.output) != 1:
-        raise ModelStoreError(f"{source}: expected one input and one output")
-    (inp,), (out,) = graph_inputs, model.graph.output
-    in_type, out_type = inp.type.tensor_type, out.type.tensor_type
+    outputs = {o.name: o for o in model.graph.output}
+    if len(graph_inputs) != 1:
+        raise ModelStoreError(f"{source}: expected one input, the graph has {len(graph_inputs)}")
+    if card.output.member_output is None:
+        # One output, whatever the graph calls it (registered models name theirs freely).
+        if len(outputs) != 1:
+            raise ModelStoreError(
+                f"{source}: graph outputs {sorted(outputs)}; the card describes one "
+                "(an ensemble's card also names its members' output)"
+            )
+        outputs = {card.output.name: model.graph.output[0]}
+    elif sorted(outputs) != sorted(card.output.graph_outputs):
+        raise ModelStoreError(
+            f"{source}: graph outputs {sorted(outputs)}, the card names {card.output.graph_outputs}"
+        )
+    (inp,) = graph_inputs
+    in_type = inp.type.tensor_type
     if in_type.elem_type != onnx.TensorProto.UINT8 or len(in_type.shape.dim) != 4:
         raise ModelStoreError(f"{source}: input {inp.name!r} must be uint8 [N, H, W, 3]")
     channels = in_type.shape.dim[3]
@@ -186,15 +200,32 @@ def check_predictor_graph(model: object, card: PredictorCard, source: object) ->
         raise ModelStoreError(
             f"{source}: input has {channels.dim_value} channels, card says {card.input.channels}"
         )
-    if (
-        out_type.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-        or len(out_type.shape.dim) != 2
+    _check_float_output(outputs[card.output.name], [card.neuron_count], "[N, neurons]", source)
+    if card.output.member_output is not None:
+        _check_float_output(
+            outputs[card.output.member_output],
+            [card.output.members, card.neuron_count],
+            "[N, members, neurons]",
+            source,
+        )
+
+
+def _check_float_output(out: object, sizes: list[int], layout: str, source: object) -> None:
+    """A float output of rank 1 + len(sizes) whose static dims (after the batch) match ``sizes``."""
+    import onnx
+
+    out_type = out.type.tensor_type
+    dims = list(out_type.shape.dim)
+    if out_type.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) or len(dims) != 1 + len(
+        sizes
     ):
-        raise ModelStoreError(f"{source}: output {out.name!r} must be float [N, neurons]")
-    neurons = out_type.shape.dim[1]
-    if neurons.HasField("dim_value") and neurons.dim_value != card.neuron_count:
+        raise ModelStoreError(f"{source}: output {out.name!r} must be float {layout}")
+    actual = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+    if actual[-1] is not None and actual[-1] != sizes[-1]:
+        raise ModelStoreError(f"{source}: model returns {actual[-1]} neurons, card lists {sizes[-1]}")
+    if len(sizes) == 2 and actual[0] is not None and actual[0] != sizes[0]:
         raise ModelStoreError(
-            f"{source}: model returns {neurons.dim_value} neurons, card lists {card.neuron_count}"
+            f"{source}: output {out.name!r} holds {actual[0]} members, the card says {sizes[0]}"
         )
 
 

@@ -85,7 +85,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--core-layers", type=int, default=model.core_layers, help="layers of the learned core"
     )
     parser.add_argument("--input-size", type=int, default=model.input_size, help="training resolution (px)")
-    parser.add_argument("--ensemble", type=int, default=model.ensemble, help="heads averaged (seeds)")
+    parser.add_argument(
+        "--ensemble",
+        type=int,
+        default=model.ensemble,
+        help="members (core + readout, own seeds) in one exported model: output rates is their mean, "
+        "member_rates [N, members, neurons] each one's",
+    )
     parser.add_argument("--epochs", type=int, default=fit.max_epochs, help="maximum epochs")
     parser.add_argument("--lr", type=float, default=fit.lr)
     parser.add_argument("--weight-decay", type=float, default=fit.weight_decay)

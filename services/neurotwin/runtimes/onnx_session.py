@@ -59,7 +59,8 @@ def choose_providers(settings: SessionSettings) -> list[str | tuple[str, dict[st
 
 
 class PredictorSession:
-    """One loaded predictor: ``run(uint8 [N, H, W, 3]) -> float32 [N, K]``; thread-safe."""
+    """One loaded predictor: ``run(uint8 [N, H, W, 3]) -> float32 [N, K]`` (the card's output, by
+    name); thread-safe."""
 
     def __init__(
         self, model_path: str | os.PathLike[str], card: PredictorCard, settings: SessionSettings
@@ -104,10 +105,15 @@ class PredictorSession:
             settings.inter_op_threads or "auto",
         )
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelStoreError(f"{self.path}: expected one input and one output")
+        if len(inputs) != 1:
+            raise ModelStoreError(f"{self.path}: expected one input, the graph has {len(inputs)}")
+        names = [o.name for o in outputs]
+        if len(names) > 1 and card.output.name not in names:
+            raise ModelStoreError(f"{self.path}: no output {card.output.name!r} (the graph has {names})")
         self.input_name = inputs[0].name
-        self.output_name = outputs[0].name
+        # The rates, asked for by name: an ensemble graph also has its members' output, which the server
+        # never returns. A one-output graph's output is the rates whatever its name.
+        self.output_name = card.output.name if len(names) > 1 else names[0]
         self.height = card.input.height
         self.width = card.input.width
         self.channels = card.input.channels

@@ -2,7 +2,9 @@
 
 The exported graph takes ``images`` uint8 [N, H, W, 3] (N, H and W dynamic: the graph resizes to the
 training resolution) and returns ``rates`` float32 [N, neurons]. Casting, resizing and normalization are
-inside the graph, so every runtime computes the same rates from the same bytes.
+inside the graph, so every runtime computes the same rates from the same bytes. An ensemble twin (more
+than one member) returns the members' mean as ``rates`` and, second, every member's rates as
+``member_rates`` float32 [N, members, neurons]; parity is checked for both, member by member.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from neurotwin.card import ONNX_CARD_KEY, InputSpec, NeuronStats, OutputSpec, PredictorCard
+from neurotwin.card import MEMBER_OUTPUT, ONNX_CARD_KEY, InputSpec, NeuronStats, OutputSpec, PredictorCard
 from neurotwin.errors import NeurotwinError
 from neurotwin.store import PREDICTORS, ModelStore, ModelVersion, validate_predictor
 from neurotwin.training.twin import TwinModel
 
 OPSET = 17
+RATES = "rates"
 # Parity: |onnx - torch| <= ATOL + RTOL * max |torch rate| for every image and neuron. The graphs are
 # the same float32 arithmetic in a different order, so anything beyond this is an export bug.
 PARITY_ATOL = 1e-4
@@ -33,22 +37,44 @@ class ParityError(NeurotwinError):
     """ONNX Runtime disagrees with torch beyond tolerance: the exported graph is not the trained model."""
 
 
+class _EnsembleGraph(nn.Module):
+    """What an ensemble twin exports: (members' mean [N, K], members' rates [N, members, K])."""
+
+    def __init__(self, model: TwinModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        members = self.model.member_rates(images)
+        return members.mean(dim=1), members
+
+
+def output_names(model: TwinModel) -> list[str]:
+    """The graph outputs ``model`` exports to, in order."""
+    return [RATES, MEMBER_OUTPUT] if model.members > 1 else [RATES]
+
+
 def export_onnx(model: TwinModel, *, example_size: int | None = None) -> bytes:
     """Serialize ``model`` (put in eval mode, on the CPU) as ONNX bytes with dynamic batch and image size."""
     model = model.cpu().eval()
     size = int(example_size or model.input_size)
+    names = output_names(model)
+    graph: nn.Module = _EnsembleGraph(model) if len(names) > 1 else model
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # torch >= 2.9 defaults to the dynamo exporter, which needs onnxscript (not a dependency); the
         # TorchScript exporter handles these static-shaped graphs exactly and says it is deprecated.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model,
+            graph,
             (torch.zeros(1, size, size, 3, dtype=torch.uint8),),
             buffer,
             input_names=["images"],
-            output_names=["rates"],
-            dynamic_axes={"images": {0: "batch", 1: "height", 2: "width"}, "rates": {0: "batch"}},
+            output_names=names,
+            dynamic_axes={
+                "images": {0: "batch", 1: "height", 2: "width"},
+                **{n: {0: "batch"} for n in names},
+            },
             opset_version=OPSET,
             do_constant_folding=True,
             dynamo=False,
@@ -64,15 +90,21 @@ def ort_session(model_bytes: bytes) -> Any:
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def onnx_predict(session: Any, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """Rates [N, K] from an ONNX Runtime session, in batches."""
+def onnx_predict(
+    session: Any, images: np.ndarray, batch_size: int = 128, *, output: str | None = None
+) -> np.ndarray:
+    """One output (by name; default the graph's first, the rates) from an ONNX Runtime session, in
+    batches: [N, K], or [N, members, K] for an ensemble's member output."""
     name = session.get_inputs()[0].name
+    info = next((o for o in session.get_outputs() if output in (None, o.name)), None)
+    if info is None:
+        raise NeurotwinError(f"the graph has no output {output!r}")
     outs = [
-        session.run(None, {name: np.ascontiguousarray(images[i : i + batch_size], dtype=np.uint8)})[0]
+        session.run([info.name], {name: np.ascontiguousarray(images[i : i + batch_size], dtype=np.uint8)})[0]
         for i in range(0, len(images), batch_size)
     ]
     if not outs:
-        return np.zeros((0, int(session.get_outputs()[0].shape[1] or 0)), dtype=np.float32)
+        return np.zeros((0, *[int(d) if isinstance(d, int) else 0 for d in info.shape[1:]]), dtype=np.float32)
     return np.concatenate(outs).astype(np.float32)
 
 
@@ -85,25 +117,53 @@ def parity_check(
     rtol: float = PARITY_RTOL,
 ) -> dict[str, Any]:
     """Compare torch and ONNX Runtime on ``images`` (and on one image alone, to exercise the dynamic
-    batch); raise :class:`ParityError` above tolerance. Returns the figures for the card."""
+    batch), for the rates and, for an ensemble, every member's rates; raise :class:`ParityError` above
+    tolerance. Returns the figures for the card."""
     if len(images) == 0:
         raise ParityError("parity check needs at least one image")
-    expected = model.cpu().eval().predict(images)
+    model = model.cpu().eval()
     session = ort_session(model_bytes)
-    got = onnx_predict(session, images)
-    single = onnx_predict(session, images[:1])
+    report: dict[str, Any] = {"images": len(images), "runtime": "onnxruntime-cpu"}
+    expected = model.predict(images)
+    report.update(_compare(RATES, expected, session, images, atol, rtol))
+    if model.members > 1:
+        members = model.predict(images, members=True)
+        figures = []
+        for member in range(model.members):
+            found = _compare(MEMBER_OUTPUT, members[:, member], session, images, atol, rtol, member=member)
+            figures.append(found["max_abs_diff"])
+        report["members"] = model.members
+        report["member_max_abs_diff"] = figures
+    return report
+
+
+def _compare(
+    output: str,
+    expected: np.ndarray,
+    session: Any,
+    images: np.ndarray,
+    atol: float,
+    rtol: float,
+    member: int | None = None,
+) -> dict[str, float]:
+    got = onnx_predict(session, images, output=output)
+    single = onnx_predict(session, images[:1], output=output)
+    what = output if member is None else f"{output} of member {member}"
+    if member is not None:
+        if got.ndim != 3 or got.shape[1] <= member:
+            raise ParityError(f"ONNX {output} has shape {list(got.shape)}; expected [N, members, K]")
+        got, single = got[:, member], single[:, member]
     if got.shape != expected.shape:
-        raise ParityError(f"ONNX returns {list(got.shape)}, torch {list(expected.shape)}")
-    scale = float(np.abs(expected).max())
-    tolerance = atol + rtol * scale
+        raise ParityError(f"ONNX {what}: shape {list(got.shape)}, torch {list(expected.shape)}")
+    tolerance = atol + rtol * float(np.abs(expected).max())
     diff = float(np.abs(got - expected).max())
     single_diff = float(np.abs(single - expected[:1]).max())
     if not np.isfinite(diff) or diff > tolerance or single_diff > tolerance:
         raise ParityError(
-            f"ONNX Runtime differs from torch by {max(diff, single_diff):.3g} "
+            f"ONNX Runtime differs from torch by {max(diff, single_diff):.3g} in {what} "
             f"(tolerance {tolerance:.3g}) on {len(images)} held-out images"
         )
-    return {"images": len(images), "max_abs_diff": diff, "tolerance": tolerance, "runtime": "onnxruntime-cpu"}
+    return {"max_abs_diff": diff, "tolerance": tolerance}
 
 
 def neuron_stats(
@@ -166,8 +226,11 @@ def build_card(
     stats: NeuronStats | None,
     description: str = "",
     units: str | None = None,
+    members: int = 1,
 ) -> PredictorCard:
-    output = OutputSpec() if units is None else OutputSpec(units=units)
+    output = OutputSpec(members=members, member_output=MEMBER_OUTPUT if members > 1 else None)
+    if units is not None:
+        output.units = units
     return PredictorCard(
         name=name,
         neuron_ids=list(neuron_ids),
@@ -197,8 +260,9 @@ def export_twin(
     description: str = "",
     units: str | None = None,
 ) -> tuple[ModelVersion, PredictorCard]:
-    """Export, check parity (raises :class:`ParityError`), compute neuron statistics through ONNX Runtime
-    over ``stats_images`` (the training images), and register a new version in ``store``."""
+    """Export, check parity (raises :class:`ParityError`), compute neuron statistics (of the rates, the
+    members' mean for an ensemble) through ONNX Runtime over ``stats_images`` (the training images), and
+    register a new version in ``store``."""
     model_bytes = export_onnx(model)
     parity = parity_check(model, model_bytes, parity_images)
     predicted = onnx_predict(ort_session(model_bytes), stats_images)
@@ -211,6 +275,7 @@ def export_twin(
         stats=neuron_stats(predicted, stats_measured),
         description=description,
         units=units,
+        members=model.members,
     )
     version = write_predictor(store, name, model_bytes, card)
     return version, card

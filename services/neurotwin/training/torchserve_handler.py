@@ -103,6 +103,7 @@ class TwinHandler:
         self.card: dict[str, Any] = {}
         self.version = ""
         self.input_name = ""
+        self.output_name = "rates"
 
     def initialize(self, context: Any) -> None:
         props = context.system_properties
@@ -122,6 +123,8 @@ class TwinHandler:
             str(model_dir / model.get("serializedFile", "model.onnx")), options, providers=providers
         )
         self.input_name = self.session.get_inputs()[0].name
+        # The card's output, by name: an ensemble twin's graph also returns its members' rates.
+        self.output_name = str((self.card.get("output") or {}).get("name", "rates"))
         log.info("neurotwin twin %s v%s on %s", self.card.get("name"), self.version, providers[0])
 
     def _image(self, request: Any) -> np.ndarray:
@@ -165,7 +168,7 @@ class TwinHandler:
             good.append((index, image))
         if good:
             batch = np.stack([image for _, image in good])
-            (rates,) = self.session.run(None, {self.input_name: batch})
+            (rates,) = self.session.run([self.output_name], {self.input_name: batch})
             for (index, _), row in zip(good, np.asarray(rates, dtype=np.float32), strict=True):
                 results[index] = {
                     "model": self.card.get("name", ""),

@@ -325,32 +325,47 @@ class TwinModel(nn.Module):
     def input_size(self) -> int:
         return self.config.input_size
 
+    @property
+    def members(self) -> int:
+        return len(self.heads)
+
+    def member_rates_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Every head's rates, [N, members, K]."""
+        return torch.stack([head(features) for head in self.heads], dim=1)
+
     def rates_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        rates = self.heads[0](features)
-        for head in self.heads[1:]:
-            rates = rates + head(features)
-        return rates / len(self.heads) if len(self.heads) > 1 else rates
+        if len(self.heads) == 1:
+            return self.heads[0](features)
+        # The exported graph computes the same mean of the same stack (see training.export).
+        return self.member_rates_from_features(features).mean(dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.rates_from_features(self.features(images))
 
+    def member_rates(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images [N, H, W, 3] -> every member's rates [N, members, K]."""
+        return self.member_rates_from_features(self.features(images))
+
     @torch.no_grad()
-    def predict(self, images: Any, batch_size: int = 128) -> Any:
-        """numpy uint8 [N, H, W, 3] -> numpy float32 [N, K], in eval mode on the model's device."""
+    def predict(self, images: Any, batch_size: int = 128, *, members: bool = False) -> Any:
+        """numpy uint8 [N, H, W, 3] -> numpy float32 [N, K] (with ``members``: [N, members, K]), in eval
+        mode on the model's device."""
         import numpy as np
 
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
+        run = self.member_rates if members else self
         out = []
         try:
             for start in range(0, len(images), batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-                out.append(self(batch.to(device)).float().cpu().numpy())
+                out.append(run(batch.to(device)).float().cpu().numpy())
         finally:
             self.train(was_training)
         if not out:
-            return np.zeros((0, self.neuron_count), dtype=np.float32)
+            shape = (0, self.members, self.neuron_count) if members else (0, self.neuron_count)
+            return np.zeros(shape, dtype=np.float32)
         return np.concatenate(out).astype(np.float32)
 
     @property

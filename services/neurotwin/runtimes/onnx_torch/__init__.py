@@ -18,6 +18,10 @@ Output pruning (``pruning``, ``pruning_rules``): a twin for an objective that re
 cut down, before conversion, to the part of the graph those neurons depend on
 (``load_differentiable_twin(..., outputs=[...])``, or :func:`prune_outputs` on a ModelProto).
 
+Ensemble twins return ``rates`` (the members' mean) and ``member_rates`` [N, members, K]; the module
+returns the rates unless ``load_differentiable_twin(..., output_names=[...])`` asks for other outputs by
+name (:func:`select_outputs` on a ModelProto), e.g. both, for objectives that need the members to agree.
+
 Layout: ``registry`` (node record, op registry, helpers), ``ops_*`` (converters by family), ``module``
 (the compiled graph), ``parity`` (against ONNX Runtime), ``loading`` (from the store), ``pruning``.
 """
@@ -27,7 +31,7 @@ from __future__ import annotations
 from .loading import load_differentiable_twin
 from .module import SUPPORTED_OPS, OnnxTorchModule, convert_onnx
 from .parity import ParityReport, check_parity
-from .pruning import PrunedGraph, prune_outputs
+from .pruning import PrunedGraph, prune_outputs, select_outputs
 from .registry import UnsupportedOperator
 
 __all__ = [
@@ -40,4 +44,5 @@ __all__ = [
     "convert_onnx",
     "load_differentiable_twin",
     "prune_outputs",
+    "select_outputs",
 ]

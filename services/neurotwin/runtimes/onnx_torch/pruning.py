@@ -12,7 +12,10 @@ only the kept indices along the neuron axis (rules in ``pruning_rules``):
 - anything a rule cannot prove exact is kept whole, and the kept indices are gathered from its output.
 
 Nodes no longer reachable from the output are then removed. The pruned graph's output columns are the
-kept neurons in the order asked (``outputs[j]`` is column ``j``); callers remap objective indices.
+kept neurons in the order asked (``outputs[j]`` is column ``j``); callers remap objective indices. An
+ensemble twin's second output, the members' rates [N, members, K], is cut along its last axis the same
+way (the two share the work: the mean reads the members). :func:`select_outputs` keeps only some of a
+graph's outputs by name (e.g. just ``rates``), dropping what only the others need.
 """
 
 from __future__ import annotations
@@ -239,66 +242,66 @@ def validate_outputs(outputs: Sequence[int], columns: int | None) -> tuple[int, 
 
 
 def prune_outputs(model: Any, outputs: Sequence[int]) -> PrunedGraph:
-    """``model`` (an onnx.ModelProto with one output [N, K]) cut to the columns ``outputs``, in that order.
+    """``model`` (an onnx.ModelProto whose outputs carry neurons on their last axis: rates [N, K], and an
+    ensemble's member rates [N, members, K]) cut to the neurons ``outputs``, in that order.
 
-    The result computes only what those columns depend on; its output keeps the original name with
-    ``len(outputs)`` columns, column ``j`` being original column ``outputs[j]``. The given model is not
+    The result computes only what those neurons depend on; every output keeps its name with
+    ``len(outputs)`` neurons, neuron ``j`` being original neuron ``outputs[j]``. The given model is not
     changed. Raises InvalidInput for an empty list, repeated or out-of-range columns.
     """
     import onnx
 
-    if len(model.graph.output) != 1:
-        raise ModelStoreError(
-            f"output pruning needs one graph output, the model has {len(model.graph.output)}"
-        )
     work = onnx.ModelProto()
     work.CopyFrom(model)
     graph = work.graph
-    out_name = graph.output[0].name
-    # The pruned value takes the output's name; the original becomes an ordinary intermediate.
-    unpruned = f"{out_name}/unpruned"
-    _rename_value(graph.node, out_name, unpruned)
-    graph.output[0].name = unpruned
+    names = [o.name for o in graph.output]
+    if not names:
+        raise ModelStoreError("output pruning needs a graph output, the model has none")
+    # Each pruned value takes its output's name; the original becomes an ordinary intermediate.
+    for name in names:
+        _rename_value(graph.node, name, f"{name}/unpruned")
+    for info in graph.output:
+        info.name = f"{info.name}/unpruned"
     pruner = _Pruner(work)
-    out_dims = pruner.shapes.get(unpruned)
-    if out_dims is not None and len(out_dims) != 2:
-        raise ModelStoreError(f"output pruning needs an output [N, K], the model's has rank {len(out_dims)}")
-    kept = validate_outputs(outputs, pruner.dim(unpruned, NEURON_AXIS))
+    axes: dict[str, int] = {}
+    columns: set[int | None] = set()
+    for name in names:
+        dims = pruner.shapes.get(f"{name}/unpruned")
+        rank = len(dims) if dims is not None else 2
+        if rank not in (2, 3) or (rank == 3 and len(names) == 1):
+            raise ModelStoreError(
+                f"output pruning needs outputs [N, K] (and an ensemble's [N, members, K]); "
+                f"{name!r} has rank {rank}"
+            )
+        axes[name] = rank - 1
+        columns.add(pruner.dim(f"{name}/unpruned", rank - 1))
+    known = {c for c in columns if c is not None}
+    if len(known) > 1:
+        raise ModelStoreError(
+            f"output pruning: the outputs {names} disagree on the neuron count {sorted(known)}"
+        )
+    kept = validate_outputs(outputs, known.pop() if known else None)
     ordered = tuple(sorted(kept))
-    pruned = pruner.require(unpruned, NEURON_AXIS, ordered)
-    if kept != ordered:  # back to the order asked
-        pruner.gather(pruned, NEURON_AXIS, [ordered.index(k) for k in kept], out=out_name)
-    else:
-        pruner.new_nodes.append(onnx.helper.make_node("Identity", [pruned], [out_name]))
-    graph.output[0].name = out_name
+    for name in names:
+        axis = axes[name]
+        pruned = pruner.require(f"{name}/unpruned", axis, ordered)
+        if kept != ordered:  # back to the order asked
+            pruner.gather(pruned, axis, [ordered.index(k) for k in kept], out=name)
+        else:
+            pruner.new_nodes.append(onnx.helper.make_node("Identity", [pruned], [name]))
+    for info, name in zip(graph.output, names, strict=True):
+        info.name = name
 
-    # Dead-code elimination, from the output back.
-    nodes = [*graph.node, *pruner.new_nodes]
-    producer = {o: n for n in nodes for o in n.output if o}
-    live_values = {out_name}
-    live_nodes: set[int] = set()
-    stack = [out_name]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is None or id(node) in live_nodes:
-            continue
-        live_nodes.add(id(node))
-        for name in [*node.input, *_subgraph_reads(node)]:
-            if name and name not in live_values:
-                live_values.add(name)
-                stack.append(name)
     before_nodes = [n for n in model.graph.node if n.op_type != "Constant"]
-    kept_nodes = [n for n in nodes if id(n) in live_nodes]
-    initializers = [t for t in [*graph.initializer, *pruner.new_initializers] if t.name in live_values]
-    del graph.node[:]
-    graph.node.extend(kept_nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    del graph.value_info[:]  # shapes changed along the neuron axis; consumers re-infer
-    dims = graph.output[0].type.tensor_type.shape.dim
-    if len(dims) == 2:
-        dims[NEURON_AXIS].Clear()
-        dims[NEURON_AXIS].dim_value = len(kept)
+    kept_nodes, initializers = _live_part(
+        [*graph.node, *pruner.new_nodes], [*graph.initializer, *pruner.new_initializers], names
+    )
+    _replace_body(graph, kept_nodes, initializers)
+    for info, name in zip(graph.output, names, strict=True):
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) == axes[name] + 1:
+            dims[axes[name]].Clear()
+            dims[axes[name]].dim_value = len(kept)
     return PrunedGraph(
         model=work,
         outputs=kept,
@@ -308,3 +311,62 @@ def prune_outputs(model: Any, outputs: Sequence[int]) -> PrunedGraph:
         parameters_after=_parameter_count(initializers, kept_nodes),
         fallbacks=tuple(pruner.fallbacks),
     )
+
+
+def select_outputs(model: Any, names: Sequence[str]) -> Any:
+    """``model`` (an onnx.ModelProto) returning only the graph outputs ``names``, in that order, with
+    the nodes and weights no kept output needs removed. The given model is not changed. Raises
+    InvalidInput for an unknown, repeated or empty list of names."""
+    import onnx
+
+    available = [o.name for o in model.graph.output]
+    wanted = [str(n) for n in names]
+    if not wanted:
+        raise InvalidInput("output names: name at least one output")
+    unknown = [n for n in wanted if n not in available]
+    if unknown:
+        raise InvalidInput(f"output names {unknown}: the model's outputs are {available}")
+    if len(set(wanted)) != len(wanted):
+        raise InvalidInput(f"output names {wanted}: each may be asked for once")
+    if wanted == available:
+        return model
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    graph = work.graph
+    infos = {o.name: o for o in graph.output}
+    chosen = [onnx.ValueInfoProto() for _ in wanted]
+    for copy, name in zip(chosen, wanted, strict=True):
+        copy.CopyFrom(infos[name])
+    del graph.output[:]
+    graph.output.extend(chosen)
+    nodes, initializers = _live_part(list(graph.node), list(graph.initializer), wanted)
+    _replace_body(graph, nodes, initializers)
+    return work
+
+
+def _live_part(
+    nodes: list[Any], initializers: list[Any], outputs: Sequence[str]
+) -> tuple[list[Any], list[Any]]:
+    """Dead-code elimination: the nodes (in their order) and initializers the ``outputs`` depend on."""
+    producer = {o: n for n in nodes for o in n.output if o}
+    live_values = set(outputs)
+    live_nodes: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or id(node) in live_nodes:
+            continue
+        live_nodes.add(id(node))
+        for name in [*node.input, *_subgraph_reads(node)]:
+            if name and name not in live_values:
+                live_values.add(name)
+                stack.append(name)
+    return [n for n in nodes if id(n) in live_nodes], [t for t in initializers if t.name in live_values]
+
+
+def _replace_body(graph: Any, nodes: list[Any], initializers: list[Any]) -> None:
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    del graph.value_info[:]  # shapes may have changed along the neuron axis; consumers re-infer

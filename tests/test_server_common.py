@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 import urllib.request
@@ -77,7 +79,7 @@ def _health(channel: grpc.Channel, service: str = "") -> int:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service)).status
 
 
-def test_health_errors_and_metrics(server: GrpcServer) -> None:
+def test_health_errors_and_metrics(server: GrpcServer, caplog: pytest.LogCaptureFixture) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
         assert _health(channel, SERVICE) == health_pb2.HealthCheckResponse.SERVING
@@ -85,12 +87,21 @@ def test_health_errors_and_metrics(server: GrpcServer) -> None:
         for payload, code, text in (
             (b"bad", grpc.StatusCode.INVALID_ARGUMENT, "bad request"),
             (b"missing", grpc.StatusCode.NOT_FOUND, "no such thing"),
-            (b"boom", grpc.StatusCode.INTERNAL, "kaboom"),
         ):
             with pytest.raises(grpc.RpcError) as err:
                 _echo_call(channel, payload)
             assert err.value.code() == code
             assert text in err.value.details()
+        # A bug answers INTERNAL with an id only; the server logs that id with the traceback.
+        with caplog.at_level(logging.ERROR, logger="neurotwin.server.statuses"):
+            with pytest.raises(grpc.RpcError) as err:
+                _echo_call(channel, b"boom")
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        reply = re.fullmatch(r"internal error \(id ([0-9a-f]{12})\)", err.value.details() or "")
+        assert reply is not None, err.value.details()
+        logged = [r for r in caplog.records if reply.group(1) in r.getMessage()]
+        assert len(logged) == 1 and logged[0].exc_info is not None
+        assert "kaboom" in caplog.text and "Traceback" in caplog.text
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
     assert 'neurotwin_grpc_requests_total{code="OK",method="Echo",service="neurotwin.test.Echo"} 1.0' in body
     assert 'code="INVALID_ARGUMENT"' in body and 'code="NOT_FOUND"' in body

@@ -4,7 +4,7 @@
 every client here takes; failed calls raise ``neurotwin.errors`` exceptions carrying the gRPC code.
 """
 
-from neurotwin.client._channel import DEFAULT_ADDRESS, ChannelConfig, RemoteError, translate_error
+from neurotwin.client._channel import DEFAULT_ADDRESS, ChannelConfig, translate_error
 from neurotwin.client.predictor import (
     AsyncPredictorClient,
     ModelDetails,
@@ -13,6 +13,7 @@ from neurotwin.client.predictor import (
     PredictorClient,
     VersionInfo,
 )
+from neurotwin.errors import RemoteError
 
 __all__ = [
     "DEFAULT_ADDRESS",

@@ -11,46 +11,23 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from neurotwin.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidInput,
-    NeurotwinError,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
-)
+from neurotwin.errors import RECEIVED_ERRORS, InvalidInput, NeurotwinError, RemoteError
+from neurotwin.server.statuses import kind_of_status
 
 DEFAULT_ADDRESS = "127.0.0.1:8001"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-_ERRORS: dict[grpc.StatusCode, type[NeurotwinError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.CANCELLED: Cancelled,
-}
-
-
-class RemoteError(NeurotwinError):
-    """A server error without a more specific class; ``code`` is the status the server sent."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
 
 def translate_error(error: grpc.RpcError | grpc.aio.AioRpcError) -> NeurotwinError:
-    """The neurotwin exception for a failed call; its ``code`` is the gRPC status."""
+    """The neurotwin exception for a failed call; its ``code`` is the gRPC status the server sent."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else None) or str(error)
     message = f"{code.name}: {details}"
-    cls = _ERRORS.get(code)
-    return cls(message) if cls is not None else RemoteError(code, message)
+    kind = kind_of_status(code)
+    cls = RECEIVED_ERRORS.get(kind)
+    translated = cls(message) if cls is not None else RemoteError(message, kind)
+    translated.code = code
+    return translated
 
 
 def _read(value: str | bytes | os.PathLike[str] | None, what: str) -> bytes | None:

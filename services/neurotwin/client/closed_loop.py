@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from neurotwin.client._channel import DEFAULT_ADDRESS, ChannelConfig, RemoteError, translate_error
-from neurotwin.errors import InvalidInput
+from neurotwin.client._channel import DEFAULT_ADDRESS, ChannelConfig, translate_error
+from neurotwin.errors import ErrorKind, InvalidInput, RemoteError
 from neurotwin.imagecodec import decode_image
 from neurotwin.v1 import closed_loop_pb2 as pb
 from neurotwin.v1 import closed_loop_pb2_grpc as pb_grpc
@@ -410,9 +410,10 @@ class ClosedLoopClient:
             size = partial.stat().st_size
             if size != expected_size or actual_sha != expected_sha:
                 raise RemoteError(
-                    grpc.StatusCode.DATA_LOSS,
                     f"export of {session_id} arrived damaged ({size} of {expected_size} bytes, sha256 "
                     f"{actual_sha[:12]} instead of {expected_sha[:12]})",
+                    ErrorKind.DATA_LOSS,
+                    grpc.StatusCode.DATA_LOSS,
                 )
         except BaseException:
             partial.unlink(missing_ok=True)

@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
-from neurotwin.errors import InvalidInput, NeurotwinError, NotFound, Unavailable
+from neurotwin.errors import ConcurrentModification, InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +37,6 @@ SCHEMA_VERSION = 1
 DEFAULT_JOURNAL = "closed_loop_journal.sqlite3"
 OPEN, FINISHED, CLOSED = "open", "finished", "closed"
 SYNTHETIC, NATURAL = "synthetic", "natural"
-
-
-class ConcurrentModification(NeurotwinError):
-    """Someone else (another replica or thread) changed the session since it was read; retry."""
-
-    code = grpc.StatusCode.ABORTED
 
 
 @dataclass

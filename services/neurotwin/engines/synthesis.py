@@ -50,6 +50,7 @@ from neurotwin.errors import (
     InvalidInput,
     NeurotwinError,
     ResourceExhausted,
+    SynthesisFailed,
     Unavailable,
 )
 
@@ -75,10 +76,6 @@ METHODS = ("gradient", "cmaes", "genetic")
 DEFAULT_POPULATION = {"cmaes": 40, "genetic": 20}
 MAX_IMAGES_PER_JOB = 64
 MAX_INIT_CANDIDATES = 4096
-
-
-class SynthesisFailed(NeurotwinError):
-    """A job that cannot go on (objective not finite, a step that raised); other jobs are unaffected."""
 
 
 def default_device() -> torch.device:

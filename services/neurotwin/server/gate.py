@@ -14,6 +14,7 @@ from grpc._cython import cygrpc
 from neurotwin.errors import NeurotwinError
 from neurotwin.server.health_probe import UNIX_PEER_PREFIX
 from neurotwin.server.slots import HEALTH, STREAM, UNARY, StreamActivity
+from neurotwin.server.statuses import abort_with
 
 if TYPE_CHECKING:
     from neurotwin.server.common import GrpcServer
@@ -30,10 +31,7 @@ def _split_method(full_method: str) -> tuple[str, str]:
 
 
 def _abort_for(exc: BaseException, context: grpc.ServicerContext) -> None:
-    if isinstance(exc, NeurotwinError):
-        context.abort(exc.code, str(exc))
-    log.exception("unhandled error in %s", context.peer())
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    abort_with(exc, context, f"a call from {context.peer()}")
 
 
 def _closer(context: grpc.ServicerContext) -> Callable[[str], None]:

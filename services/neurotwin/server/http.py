@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
 from neurotwin.errors import InvalidInput, NeurotwinError
+from neurotwin.server.statuses import status_for
 
 if TYPE_CHECKING:
     from neurotwin.server.common import GrpcServer
@@ -78,9 +79,10 @@ def response_for(code: grpc.StatusCode, message: str) -> JSONResponse:
 
 async def _neurotwin_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, NeurotwinError)
-    if HTTP_STATUS.get(exc.code, 500) == 500:
+    code = status_for(exc)
+    if HTTP_STATUS.get(code, 500) == 500:
         log.error("%s %s failed: %s", request.method, request.url.path, exc)
-    return response_for(exc.code, str(exc))
+    return response_for(code, str(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

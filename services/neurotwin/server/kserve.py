@@ -17,12 +17,13 @@ from google.protobuf import json_format
 
 from neurotwin.engines.inference import InferenceDataPlane, InferRequest
 from neurotwin.engines.oip_tensors import InputTensor, check_shape
-from neurotwin.errors import InvalidInput, NeurotwinError
+from neurotwin.errors import InvalidInput
 from neurotwin.kserve import grpc_service_pb2 as pb
 from neurotwin.kserve import grpc_service_pb2_grpc as pb_grpc
 from neurotwin.kserve import model_config_pb2 as config_pb
 from neurotwin.server.common import GrpcServer, deadline_from
 from neurotwin.server.predictor import ALL_MODELS, CallMetrics, PredictorMetrics, _CancelSlot
+from neurotwin.server.statuses import report
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +197,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     response = self._infer(request, deadline, slot.register)
                 yield pb.ModelStreamInferResponse(infer_response=response)
             except Exception as exc:
-                if isinstance(exc, NeurotwinError):
-                    message = str(exc)
-                else:
-                    log.exception("ModelStreamInfer request %r failed", request.id)
-                    message = "internal error"
+                _, message = report(exc, f"ModelStreamInfer request {request.id!r}")
                 echo = pb.ModelInferResponse(
                     model_name=request.model_name, model_version=request.model_version, id=request.id
                 )

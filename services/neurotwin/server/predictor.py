@@ -23,10 +23,11 @@ from neurotwin.engines.batcher import BatcherSettings
 from neurotwin.engines.inference import InferenceDataPlane, RequestLimits, check_image_count
 from neurotwin.engines.model_manager import LoadedVersion, ManagerSettings, ModelManager, VersionState
 from neurotwin.engines.statistics import InferenceStatistics, VersionStatistics
-from neurotwin.errors import InvalidInput, NeurotwinError
+from neurotwin.errors import InvalidInput
 from neurotwin.imagecodec import DEFAULT_MAX_PIXELS, decode_image
 from neurotwin.runtimes.onnx_session import SessionSettings
 from neurotwin.server.common import LATENCY_BUCKETS, GrpcServer, deadline_from
+from neurotwin.server.statuses import report, status_for
 from neurotwin.store import ModelStore, VersionPolicy, default_store_root
 from neurotwin.v1 import predictor_pb2 as pb
 from neurotwin.v1 import predictor_pb2_grpc as pb_grpc
@@ -275,12 +276,7 @@ class CallMetrics:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is None:
-            code = grpc.StatusCode.OK
-        elif isinstance(exc, NeurotwinError):
-            code = exc.code
-        else:
-            code = grpc.StatusCode.INTERNAL
+        code = grpc.StatusCode.OK if exc is None else status_for(exc)
         children = self._children
         children.count(code)
         children.seconds.observe(time.perf_counter() - self._started)
@@ -463,12 +459,8 @@ class PredictorServicer(pb_grpc.FiringRatePredictorServicer):
                     result = self._predict(item.request, context, slot.register)
                 yield pb.PredictStreamResponse(request_id=item.request_id, result=result)
             except Exception as exc:
-                if isinstance(exc, NeurotwinError):
-                    code = exc.code
-                else:
-                    log.exception("PredictStream request %r failed", item.request_id)
-                    code = grpc.StatusCode.INTERNAL
-                error = pb.StreamError(code=code.value[0], message=str(exc))
+                code, message = report(exc, f"PredictStream request {item.request_id!r}")
+                error = pb.StreamError(code=code.value[0], message=message)
                 yield pb.PredictStreamResponse(request_id=item.request_id, error=error)
 
     def ListModels(

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from neurotwin.card import MEMBER_OUTPUT, ONNX_CARD_KEY, InputSpec, NeuronStats, OutputSpec, PredictorCard
-from neurotwin.errors import NeurotwinError
+from neurotwin.errors import NeurotwinError, ParityError
 from neurotwin.store import PREDICTORS, ModelStore, ModelVersion, validate_predictor
 from neurotwin.training.twin import TwinModel
 
@@ -31,10 +31,6 @@ RATES = "rates"
 # the same float32 arithmetic in a different order, so anything beyond this is an export bug.
 PARITY_ATOL = 1e-4
 PARITY_RTOL = 1e-4
-
-
-class ParityError(NeurotwinError):
-    """ONNX Runtime disagrees with torch beyond tolerance: the exported graph is not the trained model."""
 
 
 class _EnsembleGraph(nn.Module):

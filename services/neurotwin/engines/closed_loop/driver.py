@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from neurotwin.engines.closed_loop.settings import SessionConfig
-from neurotwin.errors import InvalidInput, ModelStoreError
+from neurotwin.errors import InvalidInput, OptimizerFault
 
 
 def encode_state(state: dict[str, Any]) -> bytes:
@@ -86,7 +86,7 @@ class OptimizerDriver:
     def propose(self, n: int) -> np.ndarray:
         latents = self.optimizer.propose(n)
         if latents.shape != (n, self.config.latent_dim):
-            raise ModelStoreError(
+            raise OptimizerFault(
                 f"optimizer returned latents of shape {latents.shape}, expected {(n, self.config.latent_dim)}"
             )
         return latents

@@ -55,17 +55,17 @@ from neurotwin.engines.journal import (
     FINISHED,
     OPEN,
     Completion,
-    ConcurrentModification,
     GenerationRecord,
     Journal,
     ResponseRecord,
     SessionRecord,
 )
 from neurotwin.errors import (
+    ConcurrentModification,
     FailedPrecondition,
     InvalidInput,
-    ModelStoreError,
     NotFound,
+    ReplayMismatch,
     ResourceExhausted,
 )
 from neurotwin.imagecodec import decode_image
@@ -205,7 +205,7 @@ class ClosedLoopEngine:
         digest = hashlib.sha256(np.ascontiguousarray(candidates).tobytes()).hexdigest()
         journaled = live.pending.generation.meta.get("candidates_sha256")
         if journaled and digest != journaled:
-            raise ModelStoreError(
+            raise ReplayMismatch(
                 f"session {live.record.session_id}: the optimizer restored from the journal proposes "
                 f"different latents for generation {live.record.generation} than it did before the restart "
                 "(different optimizer library version?)"

@@ -28,11 +28,12 @@ Layout: ``registry`` (node record, op registry, helpers), ``ops_*`` (converters 
 
 from __future__ import annotations
 
+from neurotwin.errors import UnsupportedOperator
+
 from .loading import load_differentiable_twin
 from .module import SUPPORTED_OPS, OnnxTorchModule, convert_onnx
 from .parity import ParityReport, check_parity
 from .pruning import PrunedGraph, prune_outputs, select_outputs
-from .registry import UnsupportedOperator
 
 __all__ = [
     "SUPPORTED_OPS",

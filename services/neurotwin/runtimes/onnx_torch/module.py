@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neurotwin.errors import ModelStoreError
+from neurotwin.errors import ModelStoreError, UnsupportedOperator
 
 # The op families register their converters on import.
 from . import ops_conv, ops_elementwise, ops_linalg, ops_reduce, ops_resample, ops_shape  # noqa: F401
@@ -24,7 +24,6 @@ from .registry import (
     ONNX_TO_TORCH,
     OPS,
     Node,
-    UnsupportedOperator,
     is_float,
     register_op,
     tensor_from_proto,

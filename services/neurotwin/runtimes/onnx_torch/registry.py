@@ -16,17 +16,6 @@ from torch import Tensor
 
 from neurotwin.errors import ModelStoreError
 
-
-class UnsupportedOperator(ModelStoreError):
-    """The graph uses ops (or op settings) this converter cannot evaluate; ``ops`` names them."""
-
-    def __init__(self, source: object, ops: dict[str, int] | list[str], detail: str = "") -> None:
-        self.ops = dict(ops) if isinstance(ops, dict) else {o: 1 for o in ops}
-        listed = ", ".join(f"{op} (x{n})" if n > 1 else op for op, n in sorted(self.ops.items()))
-        msg = f"{source}: cannot convert to torch, unsupported ONNX ops: {listed}"
-        super().__init__(msg + (f"; {detail}" if detail else ""))
-
-
 ONNX_TO_TORCH: dict[int, torch.dtype] = {
     1: torch.float32,
     2: torch.uint8,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 from pathlib import Path
 
@@ -24,7 +25,10 @@ from neurotwin.runtimes.onnx_torch import (
     select_outputs,
 )
 from neurotwin.store import PREDICTORS, ModelStore, validate_predictor
+from neurotwin.training.datasets import split_indices
+from neurotwin.training.ensemble import fit_cv_ensemble, member_split
 from neurotwin.training.export import ParityError, build_card, export_onnx, export_twin, parity_check
+from neurotwin.training.fit import SessionData, fit_twins
 
 from tests.test_cli_train import TINY
 from tests.test_export_store import SIZE, images, tiny_twin
@@ -221,6 +225,51 @@ def test_parity_checks_every_output_by_name(ensemble: tuple, tmp_path: Path) -> 
         check_parity(version.model_path, members_only, n=2, height=SIZE, width=SIZE)
 
 
+# -- cross-validated members ---------------------------------------------------------------------------
+
+
+def test_member_splits_hold_out_disjoint_slices() -> None:
+    split = split_indices(100, scheme="first-half", seed=0, val_fraction=0.1)
+    pool = set(split["train"]) | set(split["val"])
+    held = []
+    for member in range(4):
+        part = member_split(split, member, seed=0)
+        np.testing.assert_array_equal(part["test"], split["test"])
+        assert set(part["train"]) | set(part["val"]) == pool and not set(part["train"]) & set(part["val"])
+        assert part["val"].size == split["val"].size
+        held.append(set(part["val"]))
+    assert all(not a & b for i, a in enumerate(held) for b in held[i + 1 :])
+    np.testing.assert_array_equal(
+        member_split(split, 2, seed=0)["val"], member_split(split, 2, seed=0)["val"]
+    )
+    with pytest.raises(InvalidInput, match="validation images"):
+        member_split({**split, "val": np.zeros(0, np.int64)}, 0, seed=0)
+
+
+def test_cv_ensemble_members_are_the_fits_of_their_own_splits() -> None:
+    from tests.test_twin import FAST, TINY_EFFNET, planted_recording
+
+    rec = planted_recording(n=120, seed=4)
+    split = split_indices(rec.n_images, scheme="random", seed=0, val_fraction=0.15)
+    config = dataclasses.replace(TINY_EFFNET, ensemble=2)
+    fit = dataclasses.replace(FAST, max_epochs=8, seed=5)
+    result, held = fit_cv_ensemble({"s": SessionData(rec, split)}, config, fit)
+    twin = result.twins["s"]
+    assert twin.members == 2 and result.config.ensemble == 2
+    assert [sorted(v) for v in held["s"]] == [member_split(split, m, 5)["val"].tolist() for m in range(2)]
+    batch = rec.images[split["test"]]
+    members = twin.predict(batch, members=True)
+    np.testing.assert_allclose(twin.predict(batch), members.mean(axis=1), rtol=1e-5, atol=1e-6)
+    for member in range(2):
+        alone = fit_twins(
+            {"s": SessionData(rec, member_split(split, member, 5))},
+            TINY_EFFNET,
+            dataclasses.replace(fit, seed=5 + member),
+        ).twins["s"]
+        np.testing.assert_allclose(members[:, member], alone.predict(batch), rtol=1e-5, atol=1e-5)
+    assert np.abs(members[:, 0] - members[:, 1]).max() > 1e-3
+
+
 # -- neurotwin train --ensemble ------------------------------------------------------------------------
 
 
@@ -236,6 +285,12 @@ def test_train_ensemble_exports_members(
     version = ModelStore(tmp_path / "model_store").resolve(PREDICTORS, "ens")
     card = validate_predictor(version)
     assert card.output.members == 2 and card.training["config"]["ensemble"] == 2
+    # Cross-validated by default: each member held out its own validation slice of train + val.
+    split = card.training["split"]
+    assert card.training["member_split"] == "folds" and len(split["member_val"]) == 2
+    first, second = (set(v) for v in split["member_val"])
+    assert len(first) == len(second) == len(split["val"]) and not first & second
+    assert first | second <= set(split["train"]) | set(split["val"])
     assert len(card.training["parity"]["member_max_abs_diff"]) == 2
     session = ort.InferenceSession(str(version.model_path))
     rates, members = session.run(None, {"images": images(2, size=card.input.height)})

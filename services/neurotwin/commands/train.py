@@ -92,6 +92,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="members (core + readout, own seeds) in one exported model: output rates is their mean, "
         "member_rates [N, members, neurons] each one's",
     )
+    parser.add_argument(
+        "--member-split",
+        choices=("folds", "same"),
+        default="folds",
+        help="folds: each member early-stops on its own validation slice and trains on the rest (one "
+        "after another); same: members train side by side on one split",
+    )
     parser.add_argument("--epochs", type=int, default=fit.max_epochs, help="maximum epochs")
     parser.add_argument("--lr", type=float, default=fit.lr)
     parser.add_argument("--weight-decay", type=float, default=fit.weight_decay)
@@ -198,6 +205,7 @@ def _unique(name: str, taken: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from neurotwin.training.datasets import split_indices
+    from neurotwin.training.ensemble import fit_cv_ensemble
     from neurotwin.training.evaluate import headline, summarize
     from neurotwin.training.export import export_twin
     from neurotwin.training.fit import FitConfig, SessionData, SharedCore, fit_twins
@@ -246,7 +254,13 @@ def run(args: argparse.Namespace) -> int:
     shared = SharedCore.load(args.core_from) if args.core_from else None
     if args.train_core and shared is None:
         raise InvalidInput("--train-core applies only with --core-from")
-    result = fit_twins(sessions, config, fit_config, core=shared, train_core=args.train_core)
+    member_val: dict[str, list[list[int]]] = {}
+    if config.ensemble > 1 and args.member_split == "folds":
+        result, member_val = fit_cv_ensemble(
+            sessions, config, fit_config, core=shared, train_core=args.train_core
+        )
+    else:
+        result = fit_twins(sessions, config, fit_config, core=shared, train_core=args.train_core)
     config = result.config
     if args.save_core:
         result.shared_core().save(args.save_core)
@@ -278,7 +292,9 @@ def run(args: argparse.Namespace) -> int:
                 "seed": args.seed,
                 "val_fraction": args.val_fraction,
                 **{part: idx.tolist() for part, idx in split.items()},
+                **({"member_val": member_val[key]} if key in member_val else {}),
             },
+            "member_split": args.member_split if config.ensemble > 1 else None,
             "config": config.to_dict(),
             "fit": fit_config.to_dict(),
             "helpers": helper_info,

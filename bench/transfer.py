@@ -158,7 +158,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     work = ModelStore(runs / "store")
     (work.root / PREDICTORS).mkdir(parents=True, exist_ok=True)
     plan = TrainingPlan(quick=args.quick)
-    origin = prepare_store(work, ModelStore(args.model_store), data, sessions, plan, log)
+    origin = prepare_store(work, ModelStore(args.model_store), data, sessions, plan, log, args.independent)
 
     settings = Settings(model_store=str(work.root), device=args.device, max_jobs=10_000, max_images=64)
     service = SynthesizerService(settings, start=False)
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
                     "heldout_median_r": twin_a.heldout_r,
                 }
             }
-            for kind in INDEPENDENT:
+            for kind in args.independent:
                 if kind == "ridge":
                     scorers[kind], r = ridge_twin(runs / "ridge", rec, session, log)
                 else:
@@ -207,9 +207,24 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
                 budget = args.budget.get(method.name, 0)
                 log(f"{session}: {row_key(method, lever)}, {len(neurons)} neurons x {args.images}")
                 modules = [m.module for m in members[: lever.ensemble_size]]
-                images, seconds = synthesize_session(
-                    service, twin_a_name(session), method, neurons, args.images, budget, lever, modules, max_a
-                )
+                cache = stimulus_cache(runs, session, method, lever, neurons, args.images, budget)
+                if cache.exists():
+                    saved = np.load(cache)
+                    images, seconds = saved["images"], float(saved["seconds"])
+                else:
+                    images, seconds = synthesize_session(
+                        service,
+                        twin_a_name(session),
+                        method,
+                        neurons,
+                        args.images,
+                        budget,
+                        lever,
+                        modules,
+                        max_a,
+                    )
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    np.savez_compressed(cache, images=images, seconds=np.array(seconds))
                 flat = images.reshape(-1, *images.shape[2:])
                 rates_a = twin_a.predict(flat).reshape(len(neurons), args.images, -1)
                 scored = Scored(
@@ -223,6 +238,34 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     finally:
         service.stop()
     return report(args, rows, results, baseline, twins_info, neurons_used)
+
+
+def stimulus_cache(
+    runs: Path, session: str, method: Method, lever: Lever, neurons: list[int], k: int, budget: int
+) -> Path:
+    """Where a run's stimuli are kept, so scoring them on another twin B does not synthesize again.
+
+    The key holds everything that decides the images, and the code version of the synthesis engine and
+    service (their files' hash): a change there makes new stimuli."""
+    import hashlib
+
+    import neurotwin
+
+    package = Path(neurotwin.__file__).parent
+    digest = hashlib.sha256()
+    for part in (
+        "engines/synthesis.py",
+        "engines/objectives.py",
+        "engines/optimizers.py",
+        "server/synthesizer.py",
+        "runtimes/generators.py",
+        "runtimes/twin_ensemble.py",
+    ):
+        path = package / part
+        digest.update(path.read_bytes() if path.exists() else b"")
+    digest.update(repr((session, method, lever.text, neurons, k, budget)).encode())
+    digest.update((runs / "store" / PREDICTORS / twin_a_name(session)).as_posix().encode())
+    return runs / "stimuli" / f"{session}-{method.name}-{digest.hexdigest()[:16]}.npz"
 
 
 def row_key(method: Method, lever: Lever) -> str:
@@ -275,7 +318,7 @@ def report(
         own = np.concatenate([s.self_ratio.max(axis=1) for s in per_session.values()])
         per_b = {
             kind: _stats(np.concatenate([s.ratios[kind].max(axis=1) for s in per_session.values()]))
-            for kind in INDEPENDENT
+            for kind in args.independent
         }
         out_rows.append(
             {
@@ -308,13 +351,14 @@ def report(
 
 def markdown(result: dict[str, Any]) -> str:
     k = result["images_per_neuron"]
+    names = " / ".join(result["methods"][0]["per_independent_twin_best_of_k"]) if result["methods"] else ""
     lines = [
         f"| method | lever | budget | on A (best of {k}) | on B: best of {k}, median | > 1 |"
-        " average image, median | > 1 | per B (conv / lite / ridge), best-of-k median |",
+        f" average image, median | > 1 | per B ({names}), best-of-k median |",
         "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["methods"]:
-        per_b = " / ".join(f"{row['per_independent_twin_best_of_k'][b]['median']:.2f}" for b in INDEPENDENT)
+        per_b = " / ".join(f"{v['median']:.2f}" for v in row["per_independent_twin_best_of_k"].values())
         lines.append(
             f"| {row['description']} | {row['lever']} | {row['budget']} | {row['on_A_best']['median']:.2f} | "
             f"**{row['best_of_k']['median']:.2f}** | {row['best_of_k']['above_1']:.0%} | "
@@ -362,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="key=value,... (bench/_transfer_levers.py); repeat for rows",
     )
+    parser.add_argument(
+        "--independent", default=",".join(INDEPENDENT), help=f"twins B, from {list(INDEPENDENT)}"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="1 synthetic session, 3 neurons, few steps")
@@ -369,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.sessions = [s for s in args.sessions.split(",") if s]
     args.methods = [m for m in args.methods.split(",") if m]
+    args.independent = [b for b in args.independent.split(",") if b]
+    if not args.independent or set(args.independent) - set(INDEPENDENT):
+        raise SystemExit(f"--independent: expected names from {list(INDEPENDENT)}")
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; expected from {list(METHODS)}")

@@ -29,6 +29,7 @@ from neurotwin.engines.closed_loop import (
     ToldResponse,
 )
 from neurotwin.engines.journal import DEFAULT_JOURNAL, open_journal
+from neurotwin.engines.session_limits import SessionLimits
 from neurotwin.errors import InvalidInput
 from neurotwin.server.common import LATENCY_BUCKETS, GrpcServer
 from neurotwin.store import ModelStore, default_store_root
@@ -53,9 +54,17 @@ class Settings:
     sqlite_synchronous: str = "FULL"
     # Open sessions allowed at once (CreateSession beyond it: RESOURCE_EXHAUSTED).
     max_sessions: int = 64
-    # When set, natural_source paths are resolved inside this folder and may not leave it.
+    # natural_source paths are resolved inside this folder and may not leave it; with none set,
+    # natural_source is refused (the images come inline as natural_images instead).
     natural_root: str = ""
     max_natural_images: int = 10000
+    # Admission by cost (see engines.session_limits): bytes one Ask may journal and return, journal
+    # bytes of a session bounded by max_generations, description length, decoded pixels per natural
+    # image.
+    max_generation_bytes: int = SessionLimits.max_generation_bytes
+    max_session_bytes: int = SessionLimits.max_session_bytes
+    max_description_chars: int = SessionLimits.max_description_chars
+    max_natural_pixels: int = SessionLimits.max_natural_pixels
     # Generator used when CreateSession names none.
     default_generator: str = "v4-dcgan"
     # Torch device for generators ("cpu", "cuda", "cuda:1").
@@ -74,7 +83,11 @@ FLAG_HELP = {
     "journal": "SQLite journal path or postgresql:// URL (default closed_loop_journal.sqlite3)",
     "sqlite_synchronous": "SQLite synchronous mode: FULL (default), EXTRA or NORMAL",
     "max_sessions": "open sessions allowed at once (default 64)",
-    "natural_root": "folder that natural_source paths must lie in (default: any readable path)",
+    "natural_root": "folder that natural_source paths must lie in (default: none, natural_source off)",
+    "max_generation_bytes": "most bytes of images one Ask may journal and return (default 48 MiB)",
+    "max_session_bytes": "most journal bytes of a session with max_generations (default 8 GiB)",
+    "max_description_chars": "longest session description (default 4096)",
+    "max_natural_pixels": "most decoded pixels per natural image (default 2048 x 2048)",
     "max_natural_images": "most natural reference images per session (default 10000)",
     "default_generator": "generator used when a session names none (default v4-dcgan)",
     "generator_device": "torch device for generators (default cpu)",
@@ -375,6 +388,12 @@ def build_engine(settings: Settings) -> ClosedLoopEngine:
         default_generator=settings.default_generator,
         device=settings.generator_device,
         twin_threads=settings.twin_threads,
+        limits=SessionLimits(
+            max_generation_bytes=settings.max_generation_bytes,
+            max_session_bytes=settings.max_session_bytes,
+            max_description_chars=settings.max_description_chars,
+            max_natural_pixels=settings.max_natural_pixels,
+        ),
     )
 
 

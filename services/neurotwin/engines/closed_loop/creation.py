@@ -11,12 +11,15 @@ from neurotwin.engines.closed_loop.settings import (
     check_request,
     map_twin_neurons,
 )
-from neurotwin.engines.closed_loop.stimuli import (
-    natural_entries,
-    prepare_natural_images,
-    resolve_natural_source,
-)
+from neurotwin.engines.closed_loop.stimuli import prepare_natural_images
 from neurotwin.engines.journal import NaturalImage
+from neurotwin.engines.natural_images import read_natural_source
+from neurotwin.engines.session_limits import (
+    SessionLimits,
+    check_cost,
+    check_optimizer_options,
+    check_text,
+)
 from neurotwin.engines.session_metadata import RecordingMetadata
 from neurotwin.errors import InvalidInput
 from neurotwin.store import GENERATORS, PREDICTORS
@@ -31,13 +34,18 @@ def resolve_session(
     default_generator: str,
     natural_root: str,
     max_natural_images: int,
+    limits: SessionLimits,
 ) -> tuple[SessionConfig, list[NaturalImage]]:
     """Check a create request against the store and build the session's journaled settings.
 
     Raises on the first fault, in a fixed order: the request's own values, the generator, the twin,
     the natural images, then the optimizer (built once here so bad options fail at creation).
+    What the session may cost (text, optimizer ranges, bytes per Ask and per session) is checked as
+    soon as the values it depends on are known, before any image is decoded.
     """
+    check_text(req.description, req.metadata, limits)
     checked = check_request(req)
+    check_optimizer_options(checked.options)
     population, targets = checked.population, checked.targets
     generator_name = req.generator or default_generator
     generator_version = models.store.resolve(GENERATORS, generator_name, req.generator_version)
@@ -56,19 +64,31 @@ def resolve_session(
             req, targets, twin.card.name, list(twin.card.neuron_ids), twin.neurons
         )
     check_guidance(req, population, bool(req.twin))
+    cost = {
+        "population": population,
+        "natural_per_generation": req.natural_per_generation,
+        "image_size": image_size,
+        "image_format": checked.image_format,
+        "max_generations": req.max_generations,
+        "limits": limits,
+    }
+    check_cost(natural_bytes=0, **cost)
 
     if req.natural_source and req.natural_images:
         raise InvalidInput("give natural_source or natural_images, not both")
     entries: list[tuple[str, bytes]] = []
     if req.natural_source:
-        entries = natural_entries(resolve_natural_source(req.natural_source, natural_root))
+        entries = read_natural_source(req.natural_source, natural_root)
     elif req.natural_images:
         entries = [(f"image{i:05d}", data) for i, data in enumerate(req.natural_images)]
     if req.natural_per_generation and not entries:
         raise InvalidInput(
             "natural_per_generation > 0 needs natural images (natural_source or natural_images)"
         )
-    natural = prepare_natural_images(entries, image_size, checked.image_format, max_natural_images)
+    natural = prepare_natural_images(
+        entries, image_size, checked.image_format, max_natural_images, limits.max_natural_pixels
+    )
+    check_cost(natural_bytes=sum(len(n.data) for n in natural), **cost)
 
     config = SessionConfig(
         session_id=session_id,

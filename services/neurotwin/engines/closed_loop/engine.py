@@ -60,6 +60,7 @@ from neurotwin.engines.journal import (
     ResponseRecord,
     SessionRecord,
 )
+from neurotwin.engines.session_limits import SessionLimits
 from neurotwin.errors import (
     ConcurrentModification,
     FailedPrecondition,
@@ -90,12 +91,14 @@ class ClosedLoopEngine:
         default_generator: str = "v4-dcgan",
         device: str = "cpu",
         twin_threads: int = 0,
+        limits: SessionLimits | None = None,
     ) -> None:
         self.store = store
         self.journal = journal
         self.max_sessions = max_sessions
         self.natural_root = natural_root
         self.max_natural_images = max_natural_images
+        self.limits = limits or SessionLimits()
         self.default_generator = default_generator
         self.device = device
         self.twin_threads = twin_threads
@@ -130,6 +133,7 @@ class ClosedLoopEngine:
                 default_generator=self.default_generator,
                 natural_root=self.natural_root,
                 max_natural_images=self.max_natural_images,
+                limits=self.limits,
             )
             driver = new_driver(self.models, config)
             now = time.time()

@@ -11,11 +11,10 @@ from typing import Any
 import numpy as np
 
 from neurotwin.engines.journal import NaturalImage
+from neurotwin.engines.natural_images import IMAGE_SUFFIXES, MAX_NATURAL_FILE_BYTES
 from neurotwin.errors import InvalidInput
-from neurotwin.imagecodec import decode_image, encode_jpeg, encode_png_fast, resize_batch
+from neurotwin.imagecodec import DEFAULT_MAX_PIXELS, decode_image, encode_jpeg, encode_png_fast, resize_batch
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-MAX_NATURAL_FILE_BYTES = 64 * 1024 * 1024
 RENDER_CHUNK = 64
 
 
@@ -45,7 +44,8 @@ def render_latents(generator: Any, latents: np.ndarray, size: int) -> np.ndarray
 
 
 def natural_entries(source: Path) -> list[tuple[str, bytes]]:
-    """(name, bytes) of every image in a folder (recursively) or a .zip, sorted by name."""
+    """(name, bytes) of every image in a local folder (recursively) or a .zip, sorted by name: what a
+    client uploads. The server reads ``natural_source`` only through ``engines.natural_images``."""
     entries: list[tuple[str, bytes]] = []
     if source.is_dir():
         for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
@@ -80,26 +80,20 @@ def natural_image_bytes(source: str | Path) -> list[bytes]:
 
 
 def prepare_natural_images(
-    entries: Sequence[tuple[str, bytes]], image_size: int, image_format: str, limit: int
+    entries: Sequence[tuple[str, bytes]],
+    image_size: int,
+    image_format: str,
+    limit: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[NaturalImage]:
-    """Decode, resize to the session's image size and encode in its format, once, at creation."""
+    """Decode (each refused above ``max_pixels`` before decoding), resize to the session's image size
+    and encode in its format, once, at creation."""
     if len(entries) > limit:
         raise InvalidInput(f"{len(entries)} natural images; this server accepts at most {limit} per session")
     prepared: list[NaturalImage] = []
     for index, (name, data) in enumerate(entries):
-        pixels = decode_image(data, what=f"natural image {name}")
+        pixels = decode_image(data, max_pixels=max_pixels, what=f"natural image {name}")
         pixels = resize_batch(pixels[None], image_size, image_size)[0]
         encoded = encode_stimulus(pixels, image_format)
         prepared.append(NaturalImage(index, name, sha256_hex(encoded), encoded))
     return prepared
-
-
-def resolve_natural_source(source: str, root: str) -> Path:
-    """The folder or zip a session's natural images come from, confined to ``root`` when set."""
-    if not root:
-        return Path(source).expanduser()
-    base = Path(root).expanduser().resolve()
-    path = (base / source).resolve()
-    if path != base and base not in path.parents:
-        raise InvalidInput(f"natural_source {source!r} is outside the server's natural-image root")
-    return path

@@ -8,24 +8,33 @@ import warnings
 import zlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from neurotwin.errors import InvalidInput
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image") -> np.ndarray:
-    """PNG/JPEG (anything Pillow reads) -> uint8 [H, W, 3] RGB.
+# Formats Pillow may even try to identify. Never EPS/PS/PDF: Pillow hands those to Ghostscript, an
+# external interpreter of a programming language, on whatever bytes a client sends.
+ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
+_ALLOWED_NAMES = "PNG, JPEG, BMP, TIFF, WebP or GIF"
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
-    The pixel count is read from the header and checked before any pixel is decoded.
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image") -> np.ndarray:
+    """PNG, JPEG, BMP, TIFF, WebP or GIF -> uint8 [H, W, 3] RGB; 16-bit and float images are scaled
+    to 0..255 rather than clipped.
+
+    The format is identified among the allowed ones only, and the pixel count is read from the
+    header and checked before any pixel is decoded.
     """
     if not data:
         raise InvalidInput(f"{what}: empty image bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = img.size
             if width * height > max_pixels:
                 raise InvalidInput(
@@ -34,13 +43,40 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = 
             img.load()
     except InvalidInput:
         raise
+    except UnidentifiedImageError as exc:
+        raise InvalidInput(f"{what}: not a decodable image (allowed: {_ALLOWED_NAMES})") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidInput(f"{what}: refused as a decompression bomb ({exc})") from exc
     except Exception as exc:
         raise InvalidInput(f"{what}: not a decodable image ({type(exc).__name__}: {exc})") from exc
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8)
+    return _to_rgb8(img, what)
+
+
+def _to_rgb8(img: Image.Image, what: str) -> np.ndarray:
+    """Any decoded mode -> uint8 RGB. Pillow's own convert("RGB") clips 16-bit and float grays at 255
+    (a 16-bit scan comes out almost all white), so those are scaled here."""
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        gray = np.asarray(img, dtype=np.float32) / 257.0
+    elif mode == "I":
+        # 32-bit integers: 8-bit data kept as is, anything wider read as 16-bit (what PNG and TIFF
+        # scanners write), clipped to it.
+        values = np.asarray(img, dtype=np.int64)
+        wide = values.size and values.max() > 255
+        gray = np.clip(values, 0, 65535).astype(np.float32) / (257.0 if wide else 1.0)
+    elif mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise InvalidInput(f"{what}: float image with NaN or infinite pixels")
+        # The float convention is 0..1; data already on 0..255 is taken as that, and clipped.
+        unit = values.size and values.min() >= 0 and values.max() <= 1
+        gray = np.clip(values * 255.0 if unit else values, 0, 255).astype(np.float32)
+    else:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return np.asarray(img, dtype=np.uint8)
+    gray8 = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+    return np.repeat(gray8[:, :, None], 3, axis=2)
 
 
 def encode_png(image: np.ndarray) -> bytes:

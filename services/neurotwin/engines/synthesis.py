@@ -179,7 +179,8 @@ class SynthesisRequest:
     def total_steps(self) -> int:
         if self.method == "gradient":
             return int(self.budget)
-        return max(1, math.ceil(self.budget / self.population_size()))
+        # Whole generations within the budget: the budget is a ceiling on twin evaluations.
+        return max(1, int(self.budget) // self.population_size())
 
     def population_size(self) -> int:
         if self.population is not None:
@@ -214,6 +215,11 @@ class SynthesisRequest:
                 )
         if self.method != "gradient" and self.population_size() < 2:
             raise InvalidInput(f"population must be >= 2, got {self.population_size()}")
+        if self.method != "gradient" and int(self.budget) < self.population_size():
+            raise InvalidInput(
+                f"budget {self.budget} evaluations is less than one {self.method} generation of "
+                f"{self.population_size()} candidates; give at least {self.population_size()}"
+            )
         count = pair.neuron_count
         if count is not None and any(not 0 <= n < count for n in self.objective.neurons):
             raise InvalidInput(f"objective reads neurons {self.objective.neurons}; the twin has {count}")
@@ -274,6 +280,7 @@ class SchedulerStats:
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
+    deadline: int = 0
     max_jobs_per_batch: int = 0
     last_jobs_per_batch: int = 0
     # jobs in one batched step -> how many such steps
@@ -373,7 +380,13 @@ class SynthesisJob:
         if self._finished.is_set():
             return
         self.error = error
-        self.state = "cancelled" if isinstance(error, Cancelled) else "failed"
+        self.state = (
+            "cancelled"
+            if isinstance(error, Cancelled)
+            else "deadline"
+            if isinstance(error, DeadlineExceeded)
+            else "failed"
+        )
         self._events.put(error)
         self._events.put(_DONE)
         self._release()
@@ -555,6 +568,12 @@ def _starting_latents(
     # Stable order: ties keep the candidates' order, so a seed reproduces the same starts.
     best = np.argsort(-scores, kind="stable")[:needed]
     return candidates[torch.from_numpy(best)]
+
+
+def _stopped(job: SynthesisJob) -> bool:
+    """Cancelled, or past its deadline (the scheduler finishes it before its next step)."""
+    deadline = job.request.deadline
+    return job.cancelled or (deadline is not None and time.monotonic() >= deadline)
 
 
 def _build_runner(job: SynthesisJob, device: torch.device) -> _Runner:
@@ -767,10 +786,11 @@ class SynthesisScheduler:
         with self._lock:
             active = list(self._active)
         for job in active:
-            if job.cancelled:
-                self._finish_error(job, Cancelled(f"{job.id}: cancelled at step {job.step}"))
-            elif job.request.deadline is not None and now >= job.request.deadline:
+            # The deadline first: a client's deadline also cancels its call, and that is a deadline.
+            if job.request.deadline is not None and now >= job.request.deadline:
                 self._finish_error(job, DeadlineExceeded(f"{job.id}: deadline passed at step {job.step}"))
+            elif job.cancelled:
+                self._finish_error(job, Cancelled(f"{job.id}: cancelled at step {job.step}"))
 
     def _finish_error(self, job: SynthesisJob, error: NeurotwinError) -> None:
         with self._lock:
@@ -779,6 +799,8 @@ class SynthesisScheduler:
                     jobs.remove(job)
             if isinstance(error, Cancelled):
                 self._stats.cancelled += 1
+            elif isinstance(error, DeadlineExceeded):
+                self._stats.deadline += 1
             else:
                 self._stats.failed += 1
         job._fail(error)
@@ -936,7 +958,11 @@ class SynthesisScheduler:
         rates_parts, image_parts = [], []
         needs_images = any(j.objective.uses_images for j in jobs)
         with torch.no_grad(), self._autocast():
-            for part in z.split(self.max_batch_images):
+            for index, part in enumerate(z.split(self.max_batch_images)):
+                # A large population takes several passes: stop between them once no job in the
+                # batch wants the result, rather than finish a generation nobody will read.
+                if index and all(_stopped(j) for j in jobs):
+                    return
                 images = pair.prior(part).float().clamp(0, 1)
                 rates_parts.append(_twin_rates(pair.twin, _resize(images, pair.input_size)).float())
                 if needs_images:

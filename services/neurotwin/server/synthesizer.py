@@ -459,6 +459,7 @@ class SynthesizerService:
             raise InvalidInput(f"budget {budget} {unit} exceeds this server's limit of {limit}")
         if method != "gradient" and budget < 2:
             raise InvalidInput(f"budget {budget}: {method} needs at least one generation of evaluations")
+
         return budget
 
     def _objective_spec(self, objective: pb.Objective, card: PredictorCard) -> ObjectiveSpec:
@@ -617,6 +618,9 @@ class SynthesizerService:
                 job.cancel()
                 if outcome == "failed":
                     outcome = "cancelled"
+            # gRPC cancels a call whose deadline passed: that is a deadline, not a cancellation.
+            if outcome == "cancelled" and deadline is not None and time.monotonic() >= deadline:
+                outcome = "deadline"
             self.metrics.jobs.labels(method, outcome).inc()
             self.metrics.job_seconds.labels(method).observe(time.monotonic() - job.submitted)
             if job.started is not None:

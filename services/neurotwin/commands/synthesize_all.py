@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from neurotwin.commands._options import ModelRef, add_model_store, parse_model_ref, store_root
-from neurotwin.errors import FailedPrecondition, InvalidInput, ModelStoreError, NotFound
+from neurotwin.errors import InvalidInput, ModelStoreError, NotFound
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -107,19 +107,6 @@ def _int_setting(value: int | None, env: str, default: int) -> int:
         return int(text)
     except ValueError:
         raise InvalidInput(f"${env}={text!r} is not an integer") from None
-
-
-def _device(choice: str) -> torch.device:
-    import torch
-
-    choice = choice.strip().lower()
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice not in ("cpu", "cuda") and not choice.startswith("cuda:"):
-        raise InvalidInput(f"device {choice!r}: expected auto, cpu or cuda")
-    if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise FailedPrecondition("device cuda: no usable CUDA device is visible to this process")
-    return torch.device(choice)
 
 
 def _spec(args: argparse.Namespace, recorded: SweepSpec | None) -> SweepSpec:
@@ -264,7 +251,9 @@ def run(args: argparse.Namespace) -> int:
         # The results volume is not writable or not reachable: perhaps not for long, so exit 1.
         print(f"neurotwin synthesize-all: error: {out}: {exc}", file=sys.stderr)
         return 1
-    device = _device(args.device or os.environ.get(DEVICE_ENV, "") or "auto")
+    from neurotwin.runtimes.devices import select_device
+
+    device = select_device(args.device or os.environ.get(DEVICE_ENV, "") or "auto")
     neurons = shard_neurons(len(spec.neuron_ids), index, count)
     label = f"shard {index}/{count}"
     todo = [n for n in neurons if folder.read_result(spec, n) is None]

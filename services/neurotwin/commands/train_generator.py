@@ -58,13 +58,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from neurotwin.runtimes.devices import select_device
     from neurotwin.training.frechet import generator_quality
     from neurotwin.training.gan import (
         GANConfig,
         config_dict,
         generator_target,
         load_images,
-        resolve_device,
         split_holdout,
         store_generator,
         train_gan,
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     args.out = output_folder(args, GENERATORS)
     generator_target(args.out)  # refuse a wrong --out before training, not after
-    device = resolve_device(args.device)
+    device = select_device(args.device)
     budget_min = args.time_budget_min
     if budget_min is None and device.type == "cpu":
         budget_min = DEFAULT_CPU_BUDGET_MIN

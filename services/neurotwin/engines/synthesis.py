@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neurotwin.engines.objectives import Objective
@@ -44,6 +43,17 @@ from neurotwin.engines.optimizers import (
     GradientAscent,
     GradientConfig,
 )
+from neurotwin.engines.render import (
+    Transform,
+    ensemble_mean,
+    from_uint8,
+    prior_and_rates,
+    prior_images,
+    resize_chw,
+    to_uint8,
+    twin_rates,
+    twin_view,
+)
 from neurotwin.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -53,6 +63,7 @@ from neurotwin.errors import (
     SynthesisFailed,
     Unavailable,
 )
+from neurotwin.runtimes.devices import default_device
 
 __all__ = [
     "METHODS",
@@ -76,10 +87,6 @@ METHODS = ("gradient", "cmaes", "genetic")
 DEFAULT_POPULATION = {"cmaes": 40, "genetic": 20}
 MAX_IMAGES_PER_JOB = 64
 MAX_INIT_CANDIDATES = 4096
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,9 +146,6 @@ class ModelPair:
             current = next(itertools.chain(module.parameters(), module.buffers()), None)
             if current is not None and current.device != device:
                 module.to(device)
-
-
-Transform = Callable[[Tensor, torch.Generator], Tensor]
 
 
 @dataclass
@@ -464,32 +468,6 @@ class _EvolutionRunner(_Runner):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(images.shape[-2:]) == size:
-        return images
-    shrink = images.shape[-2] > size[0] or images.shape[-1] > size[1]
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-
-
-def _twin_rates(twin: nn.Module, images01: Tensor) -> Tensor:
-    """Rates for [N, 3, H, W] images in [0, 1] already at the twin's input size: [N, K], or member
-    rates [N, M, K] from a twin ensemble (objectives read them; everything reported is their mean)."""
-    forward = getattr(twin, "forward_chw01", None)
-    if forward is not None:
-        return forward(images01, resize=False)
-    return twin(images01.permute(0, 2, 3, 1) * 255.0)
-
-
-def _ensemble_mean(rates: Tensor) -> Tensor:
-    """[N, K] rates as reported: an ensemble's member rates [N, M, K] averaged over members."""
-    return rates.mean(dim=1) if rates.dim() == 3 else rates
-
-
-def _to_uint8(images01: Tensor) -> np.ndarray:
-    pixels = (images01.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
 def render_latents(
     pair: ModelPair, latents: Tensor | np.ndarray, device: torch.device | str | None = None, chunk: int = 64
 ) -> np.ndarray:
@@ -499,7 +477,7 @@ def render_latents(
     out = []
     with torch.no_grad():
         for part in z.split(chunk):
-            out.append(_to_uint8(_resize(pair.prior(part.to(device)).clamp(0, 1), pair.input_size)))
+            out.append(to_uint8(resize_chw(prior_images(pair.prior, part.to(device)), pair.input_size)))
     return np.concatenate(out) if out else np.zeros((0, *pair.input_size, 3), np.uint8)
 
 
@@ -519,12 +497,12 @@ def score_latents(
     all_rates, all_images = [], []
     with torch.no_grad():
         for part in z.split(chunk):
-            images = pair.prior(part.to(device)).clamp(0, 1)
-            all_rates.append(_twin_rates(pair.twin, _resize(images, pair.input_size)).float())
+            images, rates = prior_and_rates(pair.prior, pair.twin, part.to(device), pair.input_size)
+            all_rates.append(rates)
             all_images.append(images if objective.uses_images else images[:, :0])
         rates = torch.cat(all_rates)
         scores = objective(rates, torch.cat(all_images) if objective.uses_images else None, None)
-    return scores.double().cpu().numpy(), _ensemble_mean(rates).cpu().numpy()
+    return scores.double().cpu().numpy(), ensemble_mean(rates).cpu().numpy()
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -906,14 +884,13 @@ class SynthesisScheduler:
         latents = [r.opt.latents for r in runners]  # type: ignore[union-attr]
         counts = [z.shape[0] for z in latents]
         with self._autocast():
-            images = pair.prior(torch.cat(latents)).float().clamp(0, 1)
+            images = prior_images(pair.prior, torch.cat(latents))
             per_job = list(images.split(counts))
-            seen = []
-            for runner, part in zip(runners, per_job, strict=True):
-                if runner.transform is not None:  # type: ignore[union-attr]
-                    part = runner.transform(part, runner.generator)  # type: ignore[union-attr]
-                seen.append(_resize(part, size))
-            rates = _twin_rates(pair.twin, torch.cat(seen)).float()
+            seen = [
+                twin_view(part, size, runner.transform, runner.generator)  # type: ignore[union-attr]
+                for runner, part in zip(runners, per_job, strict=True)
+            ]
+            rates = twin_rates(pair.twin, torch.cat(seen)).float()
         losses, ok = [], []
         for job, part_rates, part_images in zip(jobs, rates.split(counts), per_job, strict=True):
             try:
@@ -963,8 +940,8 @@ class SynthesisScheduler:
                 # batch wants the result, rather than finish a generation nobody will read.
                 if index and all(_stopped(j) for j in jobs):
                     return
-                images = pair.prior(part).float().clamp(0, 1)
-                rates_parts.append(_twin_rates(pair.twin, _resize(images, pair.input_size)).float())
+                images, rates = prior_and_rates(pair.prior, pair.twin, part, pair.input_size)
+                rates_parts.append(rates)
                 if needs_images:
                     image_parts.append(images)
         rates = torch.cat(rates_parts)
@@ -986,7 +963,7 @@ class SynthesisScheduler:
                 if not np.all(np.isfinite(values)):
                     raise SynthesisFailed(f"{job.id}: objective is not finite at generation {job.step}")
                 activation = (
-                    _ensemble_mean(part_rates)[:, target].double().cpu().numpy()
+                    ensemble_mean(part_rates)[:, target].double().cpu().numpy()
                     if target is not None
                     else None
                 )
@@ -1020,11 +997,11 @@ class SynthesisScheduler:
 
     def _progress(self, job: SynthesisJob, score: Tensor, rates: Tensor, images: Tensor) -> None:
         target = job.objective.target
-        rates = _ensemble_mean(rates)
+        rates = ensemble_mean(rates)
         activation = rates[:, target] if target is not None else torch.full_like(score, float("nan"))
         preview = None
         if job.request.preview_every and job.step % job.request.preview_every == 0:
-            preview = _to_uint8(_resize(images, job.pair.input_size))
+            preview = to_uint8(resize_chw(images, job.pair.input_size))
         job._emit(
             Progress(
                 job.id,
@@ -1068,12 +1045,11 @@ def _result(
     """Render the final codes, quantize to uint8, and measure the twin on exactly those pixels."""
     with torch.no_grad():
         z = latents.detach().float().to(device)
-        images01 = pair.prior(z).float().clamp(0, 1)
-        pixels = _to_uint8(_resize(images01, pair.input_size))
-        quantized = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float() / 255.0
-        rates = _twin_rates(pair.twin, quantized).float()
+        images01 = prior_images(pair.prior, z)
+        pixels = to_uint8(resize_chw(images01, pair.input_size))
+        rates = twin_rates(pair.twin, from_uint8(pixels, device)).float()
         score = objective(rates, images01 if objective.uses_images else None, None)
-    rates_np = _ensemble_mean(rates).cpu().numpy().astype(np.float32)
+    rates_np = ensemble_mean(rates).cpu().numpy().astype(np.float32)
     target = objective.target
     activation = rates_np[:, target] if target is not None else None
     relative = None
@@ -1126,9 +1102,9 @@ def naive_synthesis(
         runner = _build_runner(job, device)
         if isinstance(runner, _GradientRunner):
             while not runner.done:
-                images = pair.prior(runner.opt.latents).clamp(0, 1)
-                seen = runner.transform(images, runner.generator) if runner.transform is not None else images
-                rates = _twin_rates(pair.twin, _resize(seen, pair.input_size))
+                images = prior_images(pair.prior, runner.opt.latents)
+                seen = twin_view(images, pair.input_size, runner.transform, runner.generator)
+                rates = twin_rates(pair.twin, seen)
                 score = request.objective(rates, images if request.objective.uses_images else None, None)
                 (grad,) = torch.autograd.grad(-score.sum(), [runner.opt.latents])
                 runner.opt.set_grad(grad)
@@ -1139,8 +1115,7 @@ def naive_synthesis(
             while not runner.done:
                 z = torch.from_numpy(runner.ask()).float().to(device)
                 with torch.no_grad():
-                    images = pair.prior(z).clamp(0, 1)
-                    rates = _twin_rates(pair.twin, _resize(images, pair.input_size))
+                    images, rates = prior_and_rates(pair.prior, pair.twin, z, pair.input_size)
                     score = request.objective(rates, images if request.objective.uses_images else None, None)
                 runner.tell(score.double().cpu().numpy())
                 evaluations += z.shape[0]

@@ -52,6 +52,7 @@ from neurotwin.errors import (
     ResourceExhausted,
 )
 from neurotwin.imagecodec import encode_image, resize_uint8
+from neurotwin.runtimes.devices import select_device
 from neurotwin.server.common import LATENCY_BUCKETS, GrpcServer, deadline_from
 from neurotwin.store import (
     GENERATORS,
@@ -119,14 +120,7 @@ class Settings:
     parity_images: int = 4
 
     def torch_device(self) -> torch.device:
-        choice = self.device.strip().lower()
-        if choice == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if choice not in ("cpu", "cuda") and not choice.startswith("cuda:"):
-            raise InvalidInput(f"synthesizer device {self.device!r}: expected auto, cpu or cuda")
-        if choice.startswith("cuda") and not torch.cuda.is_available():
-            raise InvalidInput("synthesizer device cuda: no CUDA device is available")
-        return torch.device(choice)
+        return select_device(self.device, "synthesizer device")
 
     def budget_for(self, method: str) -> int:
         return {"gradient": self.gradient_budget, "cmaes": self.cmaes_budget}.get(method, self.genetic_budget)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from neurotwin.errors import InvalidInput
+from neurotwin.stats import pearson_columns
 
 # Split-half ceilings are averaged over this many random splits of the repeats.
 CEILING_SPLITS = 20
@@ -18,19 +19,7 @@ CEILING_SPLITS = 20
 
 def pearson_per_neuron(predicted: np.ndarray, measured: np.ndarray) -> np.ndarray:
     """Pearson r per column of two [images, neurons] arrays; NaN where either column is constant."""
-    p = np.asarray(predicted, dtype=np.float64)
-    m = np.asarray(measured, dtype=np.float64)
-    if p.shape != m.shape or p.ndim != 2:
-        raise InvalidInput(
-            f"pearson: shapes {list(p.shape)} and {list(m.shape)} must match as [images, neurons]"
-        )
-    p = p - p.mean(axis=0)
-    m = m - m.mean(axis=0)
-    denom = np.sqrt((p * p).sum(axis=0) * (m * m).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (p * m).sum(axis=0) / denom
-    r[denom <= 1e-12] = np.nan
-    return r
+    return pearson_columns(predicted, measured, constant=float("nan"), tolerance=1e-12)
 
 
 def split_half_ceiling(repeats: np.ndarray, splits: int = CEILING_SPLITS, seed: int = 0) -> np.ndarray:

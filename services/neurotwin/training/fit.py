@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from neurotwin.errors import InvalidInput
+from neurotwin.runtimes.devices import select_device
 from neurotwin.training.datasets import Recording
 from neurotwin.training.evaluate import pearson_per_neuron
 from neurotwin.training.twin import (
@@ -155,16 +156,6 @@ class FitResult:
         return SharedCore(self.config, cores, sessions=list(self.twins))
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InvalidInput(f"device {device!r}: expected auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidInput("device cuda was asked for but torch sees no CUDA device")
-    return torch.device(device)
-
-
 @torch.no_grad()
 def frozen_features(
     features: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 100
@@ -263,7 +254,7 @@ def fit_twins(
         if s.indices("train").size < 2:
             raise InvalidInput(f"fit_twins: session {name!r} has fewer than 2 training images")
     started = time.perf_counter()
-    device = resolve_device(fit_config.device)
+    device = select_device(fit_config.device)
     torch.manual_seed(fit_config.seed)
     # Only features this function builds itself are known to be the pretrained ones, safe to reuse.
     own_features = features is None

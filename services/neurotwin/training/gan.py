@@ -30,6 +30,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from neurotwin.errors import DataError, InvalidInput
 from neurotwin.imagecodec import decode_image, encode_png
+from neurotwin.runtimes.devices import select_device
 from neurotwin.runtimes.generators import DCGANGenerator, ImagePrior, save_generator, upsampling_plan
 from neurotwin.store import GENERATORS, ModelStore, ModelVersion
 
@@ -155,18 +156,6 @@ class GANResult:
         }
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise InvalidInput(f"device {name!r}: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInput("device cuda requested but no GPU is available")
-    return device
-
-
 @torch.no_grad()
 def _ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
     for t, s in zip(target.parameters(), source.parameters(), strict=True):
@@ -211,7 +200,7 @@ def train_gan(
         raise InvalidInput(f"images must be uint8 [N, 3, R, R], got {images.dtype} {list(images.shape)}")
     if images.shape[-1] != config.resolution or images.shape[-2] != config.resolution:
         raise InvalidInput(f"images are {list(images.shape[-2:])} px, config says {config.resolution}")
-    device = resolve_device(config.device)
+    device = select_device(config.device)
     torch.manual_seed(config.seed)
     rng = torch.Generator(device="cpu").manual_seed(config.seed)
 

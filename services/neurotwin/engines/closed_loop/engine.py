@@ -39,9 +39,6 @@ from neurotwin.engines.closed_loop.settings import (
     session_id_or_new,
 )
 from neurotwin.engines.closed_loop.state import LiveSession, Pending
-from neurotwin.engines.closed_loop.stimuli import (
-    render_latents,
-)
 from neurotwin.engines.closed_loop.views import (
     Generation,
     SessionView,
@@ -296,7 +293,9 @@ class ClosedLoopEngine:
             "candidates": len(candidates),
             "candidates_sha256": hashlib.sha256(np.ascontiguousarray(candidates).tobytes()).hexdigest(),
         }
-        pixels = render_latents(live.generator, candidates, cfg.image_size)
+        from neurotwin.engines.render import render_stimuli
+
+        pixels = render_stimuli(live.generator, candidates, cfg.image_size)
         predicted: np.ndarray | None = None
         guide = np.zeros(len(candidates))
         if live.twin is not None:

@@ -14,6 +14,7 @@ import numpy as np
 from neurotwin.engines.closed_loop.settings import SessionConfig
 from neurotwin.engines.objectives import objective_scores
 from neurotwin.imagecodec import resize_batch
+from neurotwin.stats import pearson
 from neurotwin.store import PREDICTORS, ModelStore
 
 # Ridge penalties tried for the refit readout (features are z-scored, so these are on a fixed scale).
@@ -37,13 +38,6 @@ class Readout:
     def predict(self, features: np.ndarray) -> np.ndarray:
         z = (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
         return z @ self.coef + self.intercept
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = a - a.mean()
-    b = b - b.mean()
-    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / den) if den > 0 else 0.0
 
 
 def fit_readout(features: np.ndarray, targets: np.ndarray) -> Readout | None:
@@ -74,7 +68,7 @@ def fit_readout(features: np.ndarray, targets: np.ndarray) -> Readout | None:
     assert best is not None
     _, alpha, loo_residual = best
     coef = vt.T @ ((s / (s**2 + alpha)) * uty)
-    return Readout(mean, scale, coef, y_mean, alpha, _pearson(y - loo_residual, y), n)
+    return Readout(mean, scale, coef, y_mean, alpha, pearson(y - loo_residual, y), n)
 
 
 class Twin:
@@ -139,7 +133,7 @@ class Guide:
                 targets = np.asarray(self.targets)
                 self.readout = fit_readout(features, targets)
                 self.readout_samples = len(self.targets)
-                twin_r = _pearson(twin_objective(cfg, features), targets)
+                twin_r = pearson(twin_objective(cfg, features), targets)
                 self.readout_beats_twin = self.readout is not None and self.readout.loo_r > twin_r
                 self.readout_twin_r = twin_r
             if self.readout is not None:

@@ -1,4 +1,7 @@
-"""The images a session shows: rendered latents, natural images from a folder or zip, their encoding."""
+"""The images a session shows: natural images from a folder or zip, and how stimuli are encoded.
+
+Synthetic stimuli are rendered by ``neurotwin.engines.render.render_stimuli``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import hashlib
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -15,8 +17,6 @@ from neurotwin.engines.natural_images import IMAGE_SUFFIXES, MAX_NATURAL_FILE_BY
 from neurotwin.errors import InvalidInput
 from neurotwin.imagecodec import DEFAULT_MAX_PIXELS, decode_image, encode_jpeg, encode_png_fast, resize_batch
 
-RENDER_CHUNK = 64
-
 
 def encode_stimulus(image: np.ndarray, fmt: str) -> bytes:
     return encode_png_fast(image) if fmt == "png" else encode_jpeg(image, quality=95)
@@ -24,23 +24,6 @@ def encode_stimulus(image: np.ndarray, fmt: str) -> bytes:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def render_latents(generator: Any, latents: np.ndarray, size: int) -> np.ndarray:
-    """Latents [n, D] -> uint8 [n, size, size, 3] through the generator, in chunks."""
-    import torch
-
-    out = np.empty((len(latents), size, size, 3), dtype=np.uint8)
-    with torch.inference_mode():
-        for start in range(0, len(latents), RENDER_CHUNK):
-            z = torch.as_tensor(
-                latents[start : start + RENDER_CHUNK], dtype=torch.float32, device=generator.device
-            )
-            images = generator(z).float().clamp_(0, 1).mul_(255).round_()
-            pixels = images.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
-            # Quantize at the generator's resolution, then resample: cheaper than resampling floats.
-            out[start : start + len(z)] = resize_batch(pixels, size, size)
-    return out
 
 
 def natural_entries(source: Path) -> list[tuple[str, bytes]]:

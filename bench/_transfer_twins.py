@@ -173,6 +173,7 @@ class RidgeTwin:
 
     def __init__(self, state: dict[str, np.ndarray]) -> None:
         self.state = state
+        self.source: Path | None = None  # the .npz it was loaded from (caches key on it)
         self._trunk = EfficientNetLite0Trunk(stages=RIDGE_STAGES).eval()
 
     @staticmethod
@@ -241,7 +242,9 @@ def ridge_twin(
         np.savez(path, **state, heldout_median_r=np.array(r))
     loaded = dict(np.load(path))
     r = float(loaded.pop("heldout_median_r"))
-    return RidgeTwin(loaded), r
+    twin = RidgeTwin(loaded)
+    twin.source = path
+    return twin, r
 
 
 # -- synthetic sessions for --quick without the data ---------------------------------------------------

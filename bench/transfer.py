@@ -82,6 +82,7 @@ class OnnxTwin:
         self.card = json.loads(version.card_path.read_text())
         self.size = (int(self.card["input"]["height"]), int(self.card["input"]["width"]))
         self.session = ort_session(version.model_path.read_bytes())
+        self.source = version.model_path
 
     @property
     def heldout_r(self) -> float | None:
@@ -193,8 +194,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
             twins_info[session] = info
             neurons = pick_neurons(rec.n_neurons, args.neurons)
             neurons_used[session] = neurons
-            natural_a = twin_a.predict(rec.images)
-            natural_b = {kind: s.predict(rec.images) for kind, s in scorers.items()}
+            natural_a = natural_rates(runs, session, twin_a_name(session), twin_a, rec)
+            natural_b = {kind: natural_rates(runs, session, kind, s, rec) for kind, s in scorers.items()}
             max_a = natural_a.max(axis=0)
             max_b = {kind: v.max(axis=0) for kind, v in natural_b.items()}
             top_a = natural_a.argmax(axis=0)
@@ -238,6 +239,19 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     finally:
         service.stop()
     return report(args, rows, results, baseline, twins_info, neurons_used)
+
+
+def natural_rates(runs: Path, session: str, name: str, twin: Any, rec: Any) -> np.ndarray:
+    """A twin's rates on every natural image of the session, computed once per twin file."""
+    source = getattr(twin, "source", None)
+    stamp = f"{source.stat().st_mtime_ns}-{source.stat().st_size}" if source is not None else "x"
+    path = runs / "natural" / f"{session}-{name}-{rec.sha256[:12]}-{stamp}.npy"
+    if path.exists():
+        return np.load(path)
+    rates = twin.predict(rec.images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, rates)
+    return rates
 
 
 def stimulus_cache(

@@ -43,6 +43,7 @@ from neurotwin.engines.synthesis import (
     SynthesisScheduler,
     TickInfo,
 )
+from neurotwin.engines.transfer_defaults import TransferDefaults
 from neurotwin.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -61,6 +62,7 @@ from neurotwin.store import (
     ModelVersion,
     default_store_root,
     validate_generator,
+    validate_predictor,
 )
 from neurotwin.v1 import synthesizer_pb2 as pb
 from neurotwin.v1 import synthesizer_pb2_grpc as pb_grpc
@@ -112,6 +114,15 @@ class Settings:
     max_image_size: int = 1024
     # Random jitter/scale/rotation of the images during gradient ascent (robust, less adversarial).
     gradient_transforms: bool = True
+    # What makes stimuli hold up on independent twins (engines/transfer_defaults.py; measured by
+    # bench/transfer.py, BENCHMARKS.md): starting codes screened on the twin, a code-norm clip and blur
+    # during gradient ascent, and agreement of an ensemble twin's members.
+    init_candidates: int = 0
+    gradient_clip_norm: float = 0.0
+    gradient_blur: float = 0.0
+    twin_members: str = "softmin"
+    member_temperature: float = 0.1
+    member_disagreement: float = 0.0
     # bfloat16 autocast on CUDA.
     amp: bool = False
     # Twin/generator pairs kept loaded (least recently used ones are dropped first).
@@ -141,6 +152,15 @@ FLAG_HELP = {
     "max_evaluations": "largest CMA-ES/GA budget a request may ask for (default 100000)",
     "max_image_size": "largest output image side in pixels (default 1024)",
     "gradient_transforms": "jitter/scale/rotate images during gradient ascent (default true)",
+    "init_candidates": "prior samples scored on the twin to pick each image's starting code; 0 for random "
+    "starts (default 0)",
+    "gradient_clip_norm": "largest code norm in gradient ascent, in sqrt(D) x code std; 0 for none "
+    "(default 0)",
+    "gradient_blur": "largest blur sigma of the robustness transforms, as a fraction of the image size "
+    "(default 0)",
+    "twin_members": "how an ensemble twin's members must agree: mean, softmin or min (default softmin)",
+    "member_temperature": "soft-min temperature, in units of the neuron's natural maximum (default 0.1)",
+    "member_disagreement": "penalty on the spread of an ensemble twin's members (default 0)",
     "amp": "bfloat16 autocast on CUDA (default false)",
     "max_loaded_pairs": "twin/generator pairs kept loaded (default 4)",
     "parity_images": "images for the ONNX-vs-torch parity check when a twin loads; 0 skips it (default 4)",
@@ -349,9 +369,16 @@ class PairCache:
             return cached
         version = self.store.resolve(PREDICTORS, key.model, key.model_version)
         started = time.perf_counter()
+        card = validate_predictor(version)
+        # An ensemble twin gives synthesis its members' rates [N, M, K], so objectives can ask them to agree.
+        members = card.output.member_output if card.output.members > 1 else None
         module, card = load_differentiable_twin(
-            version, self.device, parity_images=max(0, self.settings.parity_images)
+            version,
+            self.device,
+            parity_images=max(0, self.settings.parity_images),
+            output_names=None if members is None else [members],
         )
+        module.member_count = card.output.members if members is not None else 1
         log.info("synthesizer: loaded twin %s in %.2f s", version, time.perf_counter() - started)
         with self._lock:
             self._twins[twin_key] = (module, card)
@@ -416,6 +443,14 @@ class SynthesizerService:
                 raise InvalidInput(f"synthesizer {name} must be >= 1, got {getattr(settings, name)}")
         self.settings = settings
         self.device = settings.torch_device()
+        self.transfer = TransferDefaults(
+            init_candidates=int(settings.init_candidates),
+            clip_norm=float(settings.gradient_clip_norm),
+            blur=float(settings.gradient_blur),
+            members=settings.twin_members,
+            member_temperature=float(settings.member_temperature),
+            member_disagreement=float(settings.member_disagreement),
+        )
         self.store = ModelStore(settings.model_store)
         self.pairs = PairCache(self.store, settings, self.device)
         self.scheduler = SynthesisScheduler(
@@ -557,7 +592,8 @@ class SynthesizerService:
             deadline=deadline,
             name=str(key),
         )
-        return loaded, job_request
+        members = int(getattr(loaded.pair.twin, "member_count", 1))
+        return loaded, self.transfer.apply(loaded.pair, job_request, members)
 
     def submit(
         self, request: pb.SynthesizeRequest, deadline: float | None = None

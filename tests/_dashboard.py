@@ -92,7 +92,13 @@ def dashboard_server(
             port=0, metrics_port=-1, http_port=0, grace_seconds=2, auth_tokens=[token] if token else []
         )
     )
-    options = {"default_generator": GENERATOR, "max_sessions": 8, **closed_loop}
+    # Summaries follow every Tell at once here (the default waits up to a second between them).
+    options = {
+        "default_generator": GENERATOR,
+        "max_sessions": 8,
+        "dashboard_refresh_seconds": 0,
+        **closed_loop,
+    }
     engine = service.attach(
         server, service.Settings(model_store=str(store_root), journal=str(journal), **options)
     )

@@ -383,3 +383,30 @@ def test_curl_examples_of_the_docs(served: Served, tmp_path: Path) -> None:
 
     with NWBHDF5IO(str(tmp_path / "demo.nwb"), "r") as io_:
         assert io_.read().identifier
+
+
+def test_summaries_are_recomputed_only_when_what_they_show_changes(served: Served) -> None:
+    from neurotwin.reports.session_live import LiveSessions
+
+    sid = served.client.create_session(
+        session_id="dash-cache", neuron_count=NEURONS, target_neurons=[0], population_size=4
+    ).session_id
+    tell_generation(served.client, sid, seed=6)
+    live = LiveSessions(served.engine.journal, min_interval_s=0)
+    first = live.snapshot(sid)
+    assert live.snapshot(sid) is first
+    # An Ask that proposes a generation bumps the revision but changes nothing a summary shows.
+    pending = served.client.ask(sid)
+    assert served.engine.journal.get_session(sid).revision > first.revision
+    assert live.snapshot(sid) is first
+    served.client.tell(sid, pending.generation, {s.stimulus_id: np.ones(NEURONS) for s in pending.stimuli})
+    second = live.snapshot(sid)
+    assert second is not first and second.summary.generations_told == 2
+
+    # With a minimum interval, a Tell within it is shown by a later poll, not recomputed at once.
+    throttled = LiveSessions(served.engine.journal, min_interval_s=3600)
+    held = throttled.snapshot(sid)
+    tell_generation(served.client, sid, seed=7)
+    assert throttled.snapshot(sid) is held
+    throttled.min_interval_s = 0
+    assert throttled.snapshot(sid).summary.generations_told == 3

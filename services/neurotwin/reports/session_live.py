@@ -2,18 +2,24 @@
 JSON, its stimulus images and the static report's figures, read from the journal.
 
 The numbers are ``session_summary.summarize_session``'s, the figures ``session_report``'s, so the live
-view and ``rig-sim --report`` show the same. A session's summary is computed once per journal revision
-(every Ask that proposes, every Tell and every status change bumps it) and cached, so that many
-browsers polling a running session cost one journal read per change, not one per poll.
+view and ``rig-sim --report`` show the same. Summarizing reads every told presentation (about 0.1 s
+per thousand on a busy 2-core machine), and it shares the process with the rig's Asks and Tells, so:
+
+- a summary is cached per session and recomputed only when what it shows changed: presentations
+  told, generations completed or the status (an Ask that proposes a generation changes none of them);
+- and at most once per ``min_interval_s`` (1 s) however fast Tells come and however many browsers
+  poll: a poll within that second gets the previous summary (its revision says which) and the next
+  poll the new one.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from neurotwin.engines.journal import Journal, SessionRecord
@@ -23,14 +29,26 @@ from neurotwin.reports.session_report import FIGURES, RENDERERS, SETTING_KEYS
 from neurotwin.reports.session_summary import SessionSummary, StimulusScore, summarize_session
 
 DEFAULT_TOP = 8
+DEFAULT_MIN_INTERVAL_S = 1.0
+
+
+def told_state(record: SessionRecord) -> tuple[int, int, str]:
+    """What a summary depends on, from the session row: it changes exactly when the summary does."""
+    return record.presentations_told, record.generation, record.status
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A session's summary as of one journal revision."""
+    """A session's summary, computed from the journal as of ``record`` (read before the rows)."""
 
-    revision: int
+    record: SessionRecord
     summary: SessionSummary
+    # time.monotonic() when it was computed.
+    computed: float
+
+    @property
+    def revision(self) -> int:
+        return self.record.revision
 
 
 def _number(value: float | None) -> float | None:
@@ -57,9 +75,7 @@ def stimulus_json(stimulus: StimulusScore, image_url: Callable[[StimulusScore], 
     }
 
 
-def summary_json(
-    snapshot: Snapshot, record: SessionRecord, image_url: Callable[[StimulusScore], str]
-) -> dict[str, Any]:
+def summary_json(snapshot: Snapshot, image_url: Callable[[StimulusScore], str]) -> dict[str, Any]:
     """What the dashboard draws for one session; ``image_url`` says where each stimulus's image is."""
     s = snapshot.summary
     return {
@@ -67,7 +83,7 @@ def summary_json(
         "revision": snapshot.revision,
         "status": s.status,
         "created": s.created,
-        "updated": record.updated,
+        "updated": snapshot.record.updated,
         "start_time": s.start_time,
         "objective": s.objective,
         "response_units": s.response_units,
@@ -116,39 +132,52 @@ def session_list_json(record: SessionRecord) -> dict[str, Any]:
 
 
 class LiveSessions:
-    """Read side of the journal for the dashboard, with summaries and figures cached per revision."""
+    """Read side of the journal for the dashboard, with summaries and figures cached per session."""
 
-    def __init__(self, journal: Journal, top: int = DEFAULT_TOP, cache_size: int = 32) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        top: int = DEFAULT_TOP,
+        cache_size: int = 32,
+        min_interval_s: float = DEFAULT_MIN_INTERVAL_S,
+        image_generations: int = 16,
+    ) -> None:
         self.journal = journal
         self.top = top
         self.cache_size = cache_size
+        self.min_interval_s = min_interval_s
         self._lock = threading.Lock()
         self._summaries: OrderedDict[str, Snapshot] = OrderedDict()
-        self._figures: OrderedDict[str, tuple[int, dict[str, bytes]]] = OrderedDict()
+        # (session, figure) -> (revision of the snapshot it was drawn from, PNG)
+        self._figures: OrderedDict[tuple[str, str], tuple[int, bytes]] = OrderedDict()
+        # (session, generation) -> {index: (image, sha256)}
+        self._images: OrderedDict[tuple[str, int], dict[int, tuple[bytes, str]]] = OrderedDict()
+        self.image_generations = image_generations
 
     def sessions(self) -> list[dict[str, Any]]:
         # Newest first: the running session is usually the one wanted.
         records = sorted(self.journal.list_sessions(), key=lambda r: (-r.created, r.session_id))
         return [session_list_json(r) for r in records]
 
-    def record(self, session_id: str) -> SessionRecord:
-        return self.journal.get_session(session_id)
-
-    def snapshot(self, session_id: str, revision: int | None = None) -> Snapshot:
-        """The summary at ``revision`` (read it first with ``record``), computed once per revision."""
-        if revision is None:
-            revision = self.journal.revision(session_id)
+    def snapshot(self, session_id: str) -> Snapshot:
+        """The session's summary: the cached one while it is current (or younger than the minimum
+        interval), else a new one."""
+        record = self.journal.get_session(session_id)
         with self._lock:
             cached = self._summaries.get(session_id)
-            if cached is not None and cached.revision == revision:
-                self._summaries.move_to_end(session_id)
-                return cached
-        # The revision was read before the rows, so a summary is never older than its revision
-        # (a change landing meanwhile makes it newer, and the next revision recomputes it).
+        if cached is not None and (
+            told_state(cached.record) == told_state(record)
+            or time.monotonic() - cached.computed < self.min_interval_s
+        ):
+            return cached
+        # The record was read before the rows, so a summary is never older than its record says (a
+        # Tell landing meanwhile makes it newer, and the next record recomputes it).
         summary = summarize_session(collect(self.journal, session_id, with_images=False), top=self.top)
-        snapshot = Snapshot(revision, summary)
+        snapshot = Snapshot(record, summary, time.monotonic())
         with self._lock:
-            self._summaries[session_id] = snapshot
+            current = self._summaries.get(session_id)
+            if current is None or current.revision <= snapshot.revision:
+                self._summaries[session_id] = snapshot
             self._summaries.move_to_end(session_id)
             while len(self._summaries) > self.cache_size:
                 self._summaries.popitem(last=False)
@@ -156,22 +185,65 @@ class LiveSessions:
 
     def image(self, session_id: str, generation: int, index: int) -> tuple[bytes, str]:
         """The encoded image (PNG or JPEG, as the rig got it) and its sha256."""
-        for stimulus in self.journal.stimuli(session_id, generation=generation, with_images=True):
-            if stimulus.index == index and stimulus.image is not None:
-                return stimulus.image, stimulus.sha256
+        # A page asks for a generation's images one by one; the journal reads them a generation at
+        # a time, kept for the next requests (a proposed generation's images never change).
+        key = (session_id, generation)
+        with self._lock:
+            images = self._images.get(key)
+            if images is not None:
+                self._images.move_to_end(key)
+        if images is None:
+            images = {
+                s.index: (s.image, s.sha256)
+                for s in self.journal.stimuli(session_id, generation=generation, with_images=True)
+                if s.image is not None
+            }
+            if images:
+                with self._lock:
+                    self._images[key] = images
+                    while len(self._images) > self.image_generations:
+                        self._images.popitem(last=False)
+        found = images.get(index)
+        if found is not None:
+            return found
         self.journal.get_session(session_id)  # NotFound for an unknown session
         raise NotFound(f"session {session_id!r} has no stimulus {index} in generation {generation}")
 
-    def figures(self, session_id: str, revision: int) -> dict[str, bytes]:
-        """The static report's PNG figures at ``revision`` (rendered with matplotlib, so cached)."""
+    def _with_images(self, session_id: str, summary: SessionSummary) -> SessionSummary:
+        """The summary with the pixels of the stimuli it shows (read per generation, not all)."""
+        shown = [*summary.best, *summary.last_generation]
+        if summary.best_natural is not None:
+            shown.append(summary.best_natural)
+        images: dict[tuple[int, int], bytes | None] = {}
+        for generation in sorted({s.generation for s in shown}):
+            for stimulus in self.journal.stimuli(session_id, generation=generation, with_images=True):
+                images[(stimulus.generation, stimulus.index)] = stimulus.image
+
+        def filled(s: StimulusScore) -> StimulusScore:
+            return replace(s, image=images.get((s.generation, s.index)))
+
+        return replace(
+            summary,
+            best=tuple(filled(s) for s in summary.best),
+            best_natural=filled(summary.best_natural) if summary.best_natural else None,
+            last_generation=tuple(filled(s) for s in summary.last_generation),
+        )
+
+    def figure(self, snapshot: Snapshot, name: str) -> bytes:
+        """One of the static report's PNG figures for ``snapshot`` (matplotlib: slow, so cached)."""
+        if name not in FIGURES:
+            raise NotFound(f"no report figure {name!r}; figures: {', '.join(FIGURES)}")
+        key = (snapshot.summary.session_id, name)
         with self._lock:
-            cached = self._figures.get(session_id)
-            if cached is not None and cached[0] == revision:
-                return cached[1]
-        summary = summarize_session(collect(self.journal, session_id, with_images=True), top=self.top)
-        figures = {name: RENDERERS[name](summary) for name in FIGURES}
+            cached = self._figures.get(key)
+        if cached is not None and cached[0] == snapshot.revision:
+            return cached[1]
+        summary = snapshot.summary
+        if name != "score_curve":  # the image grids need pixels
+            summary = self._with_images(summary.session_id, summary)
+        png = RENDERERS[name](summary)
         with self._lock:
-            self._figures[session_id] = (revision, figures)
-            while len(self._figures) > max(1, self.cache_size // 4):
+            self._figures[key] = (snapshot.revision, png)
+            while len(self._figures) > max(3, self.cache_size // 4):
                 self._figures.popitem(last=False)
-        return figures
+        return png

@@ -76,6 +76,9 @@ class Settings:
     # several that spin waiting for each other.
     compute_threads: int = 0
     export_chunk_bytes: int = 1 << 20
+    # The live dashboard (/ui/ with --http-port) recomputes a running session's summary at most this
+    # often, however many browsers poll it (0: whenever it changed).
+    dashboard_refresh_seconds: float = 1.0
 
 
 # Help per setting; ``neurotwin serve`` turns each setting into a flag --closed-loop-<setting>.
@@ -94,6 +97,7 @@ FLAG_HELP = {
     "twin_threads": "ONNX Runtime threads per guidance twin (0: automatic)",
     "export_chunk_bytes": "ExportSession chunk size in bytes (default 1 MiB)",
     "compute_threads": "torch and BLAS threads for the whole process (0: the libraries' defaults)",
+    "dashboard_refresh_seconds": "most often the /ui/ dashboard recomputes a running session (default 1 s)",
 }
 
 
@@ -425,7 +429,7 @@ def attach(server: GrpcServer, settings: Settings) -> ClosedLoopEngine:
     if server.http is not None:
         from neurotwin.server import dashboard
 
-        dashboard.attach(server, engine)
+        dashboard.attach(server, engine, refresh_seconds=settings.dashboard_refresh_seconds)
     sessions = engine.list_sessions(open_only=True)
     log.info(
         "closed loop: journal %s with %d open session(s); model store %s",

@@ -113,9 +113,11 @@ def load_assets() -> dict[str, str]:
 
 
 class Dashboard:
-    def __init__(self, engine: ClosedLoopEngine, auth: CookieAuth, assets: dict[str, str]) -> None:
+    def __init__(
+        self, engine: ClosedLoopEngine, auth: CookieAuth, assets: dict[str, str], refresh_seconds: float = 1.0
+    ) -> None:
         self.engine = engine
-        self.live = LiveSessions(engine.journal)
+        self.live = LiveSessions(engine.journal, min_interval_s=refresh_seconds)
         self.auth = auth
         self.assets = assets
         self._static_etags = {
@@ -166,17 +168,16 @@ class Dashboard:
 
     def session(self, request: Request) -> Response:
         session_id = request.path_params["session_id"]
-        record = self.live.record(session_id)
-        etag = f'"rev-{record.revision}"'
+        snapshot = self.live.snapshot(session_id)
+        etag = f'"rev-{snapshot.revision}"'
         if _etag_matches(request, etag):
             return secured(Response(status_code=304, headers={"ETag": etag}))
-        snapshot = self.live.snapshot(session_id, record.revision)
         base = f"{urllib.parse.quote(session_id, safe='')}"
 
         def image_url(stimulus: StimulusScore) -> str:
             return f"api/sessions/{base}/images/{stimulus.generation}/{stimulus.index}"
 
-        data = summary_json(snapshot, record, image_url)
+        data = summary_json(snapshot, image_url)
         data["exports"] = [
             {"label": "NWB", "url": f"api/sessions/{base}/export.nwb"},
             {"label": "HDF5", "url": f"api/sessions/{base}/export.h5"},
@@ -218,8 +219,7 @@ class Dashboard:
     def report(self, request: Request) -> Response:
         """The static report's page for this session as it is now (figures rendered by matplotlib)."""
         session_id = request.path_params["session_id"]
-        record = self.live.record(session_id)
-        snapshot = self.live.snapshot(session_id, record.revision)
+        snapshot = self.live.snapshot(session_id)
         summary = snapshot.summary
         base = urllib.parse.quote(session_id, safe="")
         # Relative to /ui/sessions/{id}/report. Figures answer with the revision as ETag and no-cache,
@@ -238,25 +238,24 @@ class Dashboard:
 
     def figure(self, request: Request) -> Response:
         session_id, name = request.path_params["session_id"], request.path_params["name"]
-        if name not in FIGURES:
-            raise NotFound(f"no report figure {name!r}; figures: {', '.join(FIGURES)}")
-        revision = self.live.record(session_id).revision
-        etag = f'"rev-{revision}"'
+        snapshot = self.live.snapshot(session_id)
+        etag = f'"rev-{snapshot.revision}"'
         if _etag_matches(request, etag):
             return secured(Response(status_code=304, headers={"ETag": etag}))
-        png = self.live.figures(session_id, revision)[name]
+        png = self.live.figure(snapshot, name)
         return secured(Response(png, media_type="image/png", headers={"ETag": etag}))
 
 
-def attach(server: GrpcServer, engine: ClosedLoopEngine) -> Dashboard:
-    """Add ``/ui`` to the server's HTTP listener (which must exist) for ``engine``'s journal."""
+def attach(server: GrpcServer, engine: ClosedLoopEngine, refresh_seconds: float = 1.0) -> Dashboard:
+    """Add ``/ui`` to the server's HTTP listener (which must exist) for ``engine``'s journal;
+    ``refresh_seconds``: the least time between two summaries of a running session."""
     http = server.http
     assert http is not None, "the server has no HTTP listener (http_port)"
     assets = load_assets()
     settings = server.settings
     tls = bool(settings.tls_cert and settings.tls_key)
     auth = CookieAuth(settings.tokens(), secure=tls, login_page=assets["login.html"])
-    dashboard = Dashboard(engine, auth, assets)
+    dashboard = Dashboard(engine, auth, assets, refresh_seconds)
     http.add_browser_auth(auth)
     http.add_routes(dashboard.routes())
     return dashboard

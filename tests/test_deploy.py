@@ -460,9 +460,10 @@ def test_overlay_wiring(overlay: str, components: tuple[str, ...]) -> None:
         gpus = container["resources"]["limits"].get("nvidia.com/gpu")
         env = {e["name"]: e.get("value") for e in container["env"]}
         device = env.get(f"NEUROTWIN_{service.upper()}_DEVICE")
-        if service == "predictor":
+        if service in ("predictor", "closed-loop"):
+            # Predictor: the Open Inference Protocol's REST API; closed loop: the live dashboard (/ui/).
             assert ports.get("http") == 8000, f"{name}: no http container port 8000"
-            assert env.get("NEUROTWIN_SERVER_HTTP_PORT") == "8000", f"{name}: HTTP/REST is not turned on"
+            assert env.get("NEUROTWIN_SERVER_HTTP_PORT") == "8000", f"{name}: HTTP is not turned on"
         if overlay == "gpu" and service in ("predictor", "synthesizer"):
             assert gpus == 1, f"{name}: expected one GPU on the gpu overlay"
             assert device == "cuda", f"{name}: a GPU pod should refuse to fall back to the CPU"
@@ -823,6 +824,12 @@ def _check_http(pod: LocalPod, tls: TlsFiles) -> None:
         except urllib.error.HTTPError as error:
             return error.code
 
+    if _service_of(pod.container) == "closed-loop":
+        # The live session dashboard: nothing without the token (a page load goes to the login form).
+        assert status("/ui/api/sessions") == 401
+        assert status("/ui/api/sessions", {"Authorization": f"Bearer {TOKEN}"}) == 200
+        assert status("/ui/login") == 200
+        return
     assert status("/v2/health/ready") == 200
     assert status("/v2/models/tiny/ready") == 401
     assert status("/v2/models/tiny/ready", {"Authorization": f"Bearer {TOKEN}"}) == 200

@@ -48,6 +48,7 @@ def test_each_error_class_reports_its_kind() -> None:
         errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
         errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
         errors.Cancelled: grpc.StatusCode.CANCELLED,
+        errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
         errors.OptimizerFault: grpc.StatusCode.INTERNAL,
         errors.SynthesisFailed: grpc.StatusCode.INTERNAL,
         errors.ParityError: grpc.StatusCode.INTERNAL,

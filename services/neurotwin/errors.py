@@ -108,6 +108,13 @@ class Cancelled(NeurotwinError):
     kind = ErrorKind.CANCELLED
 
 
+class OutOfRange(NeurotwinError):
+    """A value within its type but outside what the computation can carry (an objective that
+    overflows to infinity on finite rates): the request's fault, not the server's."""
+
+    kind = ErrorKind.OUT_OF_RANGE
+
+
 class OptimizerFault(NeurotwinError):
     """An optimizer broke its own contract (e.g. latents of the wrong shape): a bug, not bad input."""
 
@@ -138,4 +145,5 @@ RECEIVED_ERRORS: dict[ErrorKind, type[NeurotwinError]] = {
     ErrorKind.UNAVAILABLE: Unavailable,
     ErrorKind.DEADLINE_EXCEEDED: DeadlineExceeded,
     ErrorKind.CANCELLED: Cancelled,
+    ErrorKind.OUT_OF_RANGE: OutOfRange,
 }

@@ -59,6 +59,7 @@ from neurotwin.errors import (
     DeadlineExceeded,
     InvalidInput,
     NeurotwinError,
+    OutOfRange,
     ResourceExhausted,
     SynthesisFailed,
     Unavailable,
@@ -548,6 +549,17 @@ def _starting_latents(
     return candidates[torch.from_numpy(best)]
 
 
+def _not_finite(job: SynthesisJob, what: str, rates: Tensor) -> NeurotwinError:
+    """Whose fault a non-finite objective or gradient is: the request's when the twin's rates are
+    finite (its weights or step size overflow), the models' otherwise."""
+    if bool(torch.isfinite(rates).all()):
+        return OutOfRange(
+            f"{job.id}: the {what} overflowed at step {job.step} on finite rates: the request's "
+            "objective weights or learning rate are too large"
+        )
+    return SynthesisFailed(f"{job.id}: the twin's rates are not finite at step {job.step}")
+
+
 def _stopped(job: SynthesisJob) -> bool:
     """Cancelled, or past its deadline (the scheduler finishes it before its next step)."""
     deadline = job.request.deadline
@@ -896,7 +908,7 @@ class SynthesisScheduler:
             try:
                 score = job.objective(part_rates, part_images if job.objective.uses_images else None, None)
                 if not bool(torch.isfinite(score).all()):
-                    raise SynthesisFailed(f"{job.id}: objective is not finite at step {job.step}")
+                    raise _not_finite(job, "objective", part_rates)
             except NeurotwinError as exc:
                 self._finish_error(job, exc)
                 continue
@@ -916,9 +928,7 @@ class SynthesisScheduler:
             runner = job.runner
             assert isinstance(runner, _GradientRunner)
             if not bool(torch.isfinite(grad).all()):
-                self._finish_error(
-                    job, SynthesisFailed(f"{job.id}: gradient is not finite at step {job.step}")
-                )
+                self._finish_error(job, _not_finite(job, "gradient", part_rates))
                 continue
             runner.opt.set_grad(grad)
             runner.opt.step()
@@ -961,7 +971,7 @@ class SynthesisScheduler:
                     )
                 values = score.double().cpu().numpy()
                 if not np.all(np.isfinite(values)):
-                    raise SynthesisFailed(f"{job.id}: objective is not finite at generation {job.step}")
+                    raise _not_finite(job, "objective", part_rates)
                 activation = (
                     ensemble_mean(part_rates)[:, target].double().cpu().numpy()
                     if target is not None

@@ -81,6 +81,10 @@ METHOD_NAMES = {
     pb.SynthesizeRequest.GENETIC: "genetic",
 }
 MIN_IMAGE_SIZE = 8
+# Sane ranges for request numbers: latents are unit-scale and rates are O(1-100), so larger values
+# only overflow (to a non-finite objective) without meaning anything.
+MAX_LEARNING_RATE = 1e3
+MAX_OBJECTIVE_WEIGHT = 1e6
 JOB_BUCKETS = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 OCCUPANCY_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -501,6 +505,10 @@ class SynthesizerService:
         if unknown:
             raise InvalidInput(f"objective: neuron ids {unknown[:5]} are not in the twin {card.name}")
         diversity = _finite(float(objective.diversity_weight), "objective diversity_weight")
+        if not 0 <= diversity <= MAX_OBJECTIVE_WEIGHT:
+            raise InvalidInput(
+                f"objective diversity_weight {diversity:g}: must be in [0, {MAX_OBJECTIVE_WEIGHT:g}]"
+            )
         temperature = _finite(float(objective.temperature), "objective temperature")
         if temperature < 0:
             raise InvalidInput(f"objective temperature must be >= 0, got {temperature}")
@@ -518,7 +526,9 @@ class SynthesizerService:
             if len(weights) != len(neurons):
                 raise InvalidInput(f"WEIGHTED_POPULATION: {len(neurons)} neurons but {len(weights)} weights")
             for w in weights:
-                _finite(w, "objective weight")
+                # Beyond this, weighted sums of rates overflow float32 long before they mean anything.
+                if not abs(_finite(w, "objective weight")) <= MAX_OBJECTIVE_WEIGHT:
+                    raise InvalidInput(f"objective weight {w:g}: must be within +-{MAX_OBJECTIVE_WEIGHT:g}")
             return ObjectiveSpec("population", neurons, weights=weights, diversity=diversity)
         if kind == pb.Objective.ONE_HOT_POPULATION:
             if objective.weights:
@@ -547,8 +557,8 @@ class SynthesizerService:
                 f"{MIN_IMAGE_SIZE} to {self.settings.max_image_size}"
             )
         lr = _finite(float(request.learning_rate), "learning_rate")
-        if lr < 0:
-            raise InvalidInput(f"learning_rate must be >= 0, got {lr}")
+        if not 0 <= lr <= MAX_LEARNING_RATE:
+            raise InvalidInput(f"learning_rate {lr:g}: must be in [0, {MAX_LEARNING_RATE:g}]")
         return fmt, size
 
     def build(

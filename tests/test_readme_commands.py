@@ -117,6 +117,7 @@ def _check_shared_data_command(args: list[str], work: Path, monkeypatch: pytest.
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # every README command in turn, synthesis included
 def test_readme_commands_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if not (REPO / "model_store" / "predictors" / "v4-201025").is_dir():
         pytest.skip("the bundled model store is not in this checkout")

@@ -1,124 +1,34 @@
-"""Durable journal of closed-loop sessions: SQLite (WAL) by default, PostgreSQL for several replicas.
-
-Everything a session needs to carry on after a crash is written here, in one transaction per call,
-before the call is acknowledged: the session's settings, its natural reference images, each proposed
-generation (latents, image bytes and their sha256), each told response (every repeat), and the
-optimizer state after each completed generation.
-
-Concurrency: every session row has a ``revision`` that each write bumps, conditionally on the revision
-the writer last read. Two replicas (or two threads) racing on one session therefore cannot both win;
-the loser gets ``ConcurrentModification`` (gRPC ABORTED), reloads, and retries.
-
-Both back ends share the SQL below; only connection handling, parameter style and column types differ.
-"""
+"""The SQL both back ends share: schema, reads, and revision-checked writes in one transaction each."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import sqlite3
 import threading
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from abc import abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from neurotwin.errors import ConcurrentModification, InvalidInput, NotFound, Unavailable
+from neurotwin.engines.journal.records import (
+    CLOSED,
+    FINISHED,
+    OPEN,
+    SCHEMA_VERSION,
+    Completion,
+    GenerationRecord,
+    Journal,
+    NaturalImage,
+    ResponseRecord,
+    SessionRecord,
+    StimulusRecord,
+)
+from neurotwin.errors import ConcurrentModification, InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
-# Where `neurotwin serve` journals closed-loop sessions unless told otherwise.
-DEFAULT_JOURNAL = "closed_loop_journal.sqlite3"
-OPEN, FINISHED, CLOSED = "open", "finished", "closed"
-SYNTHETIC, NATURAL = "synthetic", "natural"
-
-
-@dataclass
-class SessionRecord:
-    session_id: str
-    config: dict[str, Any]
-    created: float
-    updated: float
-    status: str = OPEN
-    revision: int = 0
-    # Index of the generation Ask returns next (equals the number of generations fully told).
-    generation: int = 0
-    presentations_told: int = 0
-    # Best-so-far summary (JSON), as reported by Tell.
-    best: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class NaturalImage:
-    index: int
-    name: str
-    sha256: str
-    data: bytes
-
-
-@dataclass
-class GenerationRecord:
-    generation: int
-    created: float
-    told: float | None = None
-    # What was known when it was proposed (e.g. how candidates were ranked).
-    meta: dict[str, Any] = field(default_factory=dict)
-    # Set when fully told: objective statistics and optimizer trajectory values.
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class StimulusRecord:
-    generation: int
-    index: int
-    stimulus_id: str
-    kind: str
-    sha256: str
-    image: bytes | None = None
-    # float64 latent code (synthetic stimuli), or the index into the natural set (natural ones).
-    latent: np.ndarray | None = None
-    natural_index: int | None = None
-    # The twin's predicted rates for all of its outputs, and the score the stimulus was ranked by.
-    predicted: np.ndarray | None = None
-    predicted_score: float | None = None
-
-
-@dataclass
-class ResponseRecord:
-    generation: int
-    index: int
-    # float32 [repeats, neurons] exactly as told.
-    repeats: np.ndarray
-    received: float
-    onset: float | None = None
-    duration: float | None = None
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self.repeats.mean(axis=0, dtype=np.float64)
-
-    def digest(self) -> bytes:
-        """Identity of the told values, to tell an identical retry from a conflicting one."""
-        shape = np.asarray(self.repeats.shape, dtype=np.int64).tobytes()
-        return shape + np.ascontiguousarray(self.repeats, dtype=np.float32).tobytes()
-
-
-@dataclass
-class Completion:
-    """What a Tell that completes a generation writes besides the responses."""
-
-    generation: int
-    told: float
-    summary: dict[str, Any]
-    optimizer_state: bytes
-    best: dict[str, Any]
-    status: str = OPEN
 
 
 def _array_bytes(array: np.ndarray | None, dtype: type) -> bytes | None:
@@ -202,73 +112,6 @@ _SESSION_COLUMNS = (
 _STIMULUS_COLUMNS = (
     "generation, idx, stimulus_id, kind, sha256, {image}, latent, natural_index, predicted, predicted_score"
 )
-
-
-class Journal(ABC):
-    """Durable store of closed-loop sessions. Every write method commits before it returns."""
-
-    url: str
-
-    @abstractmethod
-    def create_session(
-        self, record: SessionRecord, natural: Sequence[NaturalImage], optimizer_state: bytes
-    ) -> bool:
-        """Insert a new session; False (and nothing written) when the id is taken."""
-
-    @abstractmethod
-    def get_session(self, session_id: str) -> SessionRecord: ...
-
-    @abstractmethod
-    def list_sessions(self, open_only: bool = False) -> list[SessionRecord]: ...
-
-    @abstractmethod
-    def revision(self, session_id: str) -> int: ...
-
-    @abstractmethod
-    def optimizer_state(self, session_id: str) -> bytes: ...
-
-    @abstractmethod
-    def natural_images(
-        self, session_id: str, indices: Sequence[int] | None = None, with_data: bool = True
-    ) -> list[NaturalImage]:
-        """The session's natural set (all, or the given indices in the given order, repeats allowed)."""
-
-    @abstractmethod
-    def add_generation(
-        self,
-        session_id: str,
-        expected_revision: int,
-        generation: GenerationRecord,
-        stimuli: Sequence[StimulusRecord],
-    ) -> int:
-        """Journal a proposed generation; returns the session's new revision."""
-
-    @abstractmethod
-    def add_responses(
-        self,
-        session_id: str,
-        expected_revision: int,
-        responses: Sequence[ResponseRecord],
-        completion: Completion | None = None,
-    ) -> int:
-        """Journal told responses (and, when they complete a generation, the optimizer's new state)."""
-
-    @abstractmethod
-    def set_status(self, session_id: str, expected_revision: int, status: str) -> int: ...
-
-    @abstractmethod
-    def generations(self, session_id: str) -> list[GenerationRecord]: ...
-
-    @abstractmethod
-    def stimuli(
-        self, session_id: str, generation: int | None = None, with_images: bool = True
-    ) -> list[StimulusRecord]: ...
-
-    @abstractmethod
-    def responses(self, session_id: str, generation: int | None = None) -> list[ResponseRecord]: ...
-
-    @abstractmethod
-    def close(self) -> None: ...
 
 
 class SqlJournal(Journal):
@@ -619,125 +462,3 @@ class SqlJournal(Journal):
             )
             for r in rows
         ]
-
-
-class SqliteJournal(SqlJournal):
-    """One SQLite file in WAL mode with synchronous=FULL: a commit is on disk before we acknowledge.
-
-    WAL lets readers (exports, GetSession) run while a write is in progress; FULL makes each commit
-    fsync the log, so an acknowledged response survives a power cut as well as a killed process.
-    """
-
-    dialect = "sqlite"
-
-    def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
-        super().__init__()
-        self.path = Path(path)
-        self.url = str(self.path)
-        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
-            raise InvalidInput(f"sqlite synchronous {synchronous!r}: expected FULL, EXTRA or NORMAL")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Transactions are explicit (BEGIN IMMEDIATE below), so the module's implicit ones are off.
-            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        except (OSError, sqlite3.Error) as exc:
-            raise InvalidInput(f"journal {self.path}: cannot open SQLite database ({exc})") from exc
-        if str(mode).lower() != "wal":
-            raise InvalidInput(f"journal {self.path}: SQLite refused WAL mode (got {mode!r})")
-        self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._create_schema()
-
-    @contextlib.contextmanager
-    def _transaction(self, write: bool) -> Iterator[Any]:
-        cur = self._conn.cursor()
-        # IMMEDIATE takes the write lock up front, so two processes never deadlock upgrading a read.
-        cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
-            yield cur
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
-        else:
-            cur.execute("COMMIT")
-        finally:
-            cur.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-
-class PostgresJournal(SqlJournal):
-    """PostgreSQL through psycopg 3; several server replicas may share one database.
-
-    Tables live in the connection's search_path schema (put ``options=-csearch_path%3Dmyschema`` in
-    the URL to choose one). A dropped connection is reopened on the next call; the call that saw it
-    fails with UNAVAILABLE and is safe to retry, since no partial transaction is ever committed.
-    """
-
-    dialect = "postgresql"
-
-    def __init__(self, url: str) -> None:
-        super().__init__()
-        try:
-            import psycopg
-        except ImportError as exc:
-            raise InvalidInput(
-                "a postgresql:// journal needs psycopg 3: pip install 'psycopg[binary]'"
-            ) from exc
-        self._psycopg = psycopg
-        self.url = url
-        self._conn: Any = None
-        self._connect()
-        self._create_schema()
-
-    def _connect(self) -> None:
-        try:
-            self._conn = self._psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-        except self._psycopg.Error as exc:
-            raise Unavailable(f"journal {_redact(self.url)}: cannot connect to PostgreSQL ({exc})") from exc
-
-    def _sql(self, text: str) -> str:
-        # The shared SQL uses '?' placeholders and contains no literal '?' or '%'.
-        return text.replace("?", "%s")
-
-    def _lock_schema(self, cur: Any) -> None:
-        # Replicas starting together would otherwise race on CREATE TABLE IF NOT EXISTS.
-        cur.execute("SELECT pg_advisory_xact_lock(727372)")
-
-    @contextlib.contextmanager
-    def _transaction(self, write: bool) -> Iterator[Any]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._connect()
-        try:
-            with self._conn.transaction(), self._conn.cursor() as cur:
-                yield cur
-        except self._psycopg.OperationalError as exc:
-            raise Unavailable(f"journal {_redact(self.url)}: {exc}") from exc
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        creds, _, host = rest.rpartition("@")
-        user = creds.split(":", 1)[0]
-        return f"{scheme}{sep}{user}:***@{host}"
-    return url
-
-
-def open_journal(url: str | Path) -> Journal:
-    """``postgresql://...`` (or ``postgres://``) -> PostgreSQL; anything else is a SQLite file path."""
-    text = str(url)
-    if text.startswith(("postgresql://", "postgres://")):
-        return PostgresJournal(text)
-    if text.startswith("sqlite:///"):
-        text = text[len("sqlite:///") :]
-    return SqliteJournal(text)

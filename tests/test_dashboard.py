@@ -410,3 +410,36 @@ def test_summaries_are_recomputed_only_when_what_they_show_changes(served: Serve
     assert throttled.snapshot(sid) is held
     throttled.min_interval_s = 0
     assert throttled.snapshot(sid).summary.generations_told == 3
+
+    # Rows are read incrementally (told generations are kept): the summary is still the one the
+    # static report makes from a full read, with a generation proposed but not told, and after it.
+    served.client.ask(sid)
+    for _ in range(2):
+        incremental = live.snapshot(sid).summary
+        journal = SqliteJournal(str(served.engine.journal.url).removeprefix("sqlite:///"))
+        try:
+            full = summarize_session(collect(journal, sid, with_images=False), top=8)
+        finally:
+            journal.close()
+        assert incremental == full
+        tell_generation(served.client, sid, seed=11)
+
+
+def test_long_summaries_stretch_the_refresh_interval(served: Served) -> None:
+    from neurotwin.reports.session_live import COST_FACTOR, LiveSessions, Snapshot
+
+    sid = served.client.create_session(
+        session_id="dash-cost", neuron_count=NEURONS, target_neurons=[0], population_size=4
+    ).session_id
+    tell_generation(served.client, sid, seed=8)
+    live = LiveSessions(served.engine.journal, min_interval_s=0.01)
+    first = live.snapshot(sid)
+    # As if that summary had taken a minute: the next may wait COST_FACTOR minutes.
+    live._summaries[sid] = Snapshot(first.record, first.summary, time.monotonic(), cost=60.0)
+    tell_generation(served.client, sid, seed=9)
+    held = live.snapshot(sid)
+    assert held.summary.generations_told == 1 and COST_FACTOR * 60.0 > 0.01
+    live._summaries[sid] = Snapshot(
+        first.record, first.summary, time.monotonic() - 61 * COST_FACTOR, cost=60.0
+    )
+    assert live.snapshot(sid).summary.generations_told == 2

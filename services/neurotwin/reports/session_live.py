@@ -7,9 +7,13 @@ per thousand on a busy 2-core machine), and it shares the process with the rig's
 
 - a summary is cached per session and recomputed only when what it shows changed: presentations
   told, generations completed or the status (an Ask that proposes a generation changes none of them);
+- from rows read incrementally: a told generation's stimuli and responses never change, so they are
+  kept and only the generations after them are read again;
 - and at most once per ``min_interval_s`` (1 s) however fast Tells come and however many browsers
   poll: a poll within that second gets the previous summary (its revision says which) and the next
-  poll the new one.
+  poll the new one. A long session takes longer to summarize (3,000 presentations: about a second
+  on a loaded 2-core machine), so the interval also stretches to ``COST_FACTOR`` times what the last
+  summary took: watching a session costs the server at most about a fifth of a core.
 """
 
 from __future__ import annotations
@@ -22,14 +26,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from neurotwin.engines.journal import Journal, SessionRecord
-from neurotwin.engines.session_export import collect
+from neurotwin.engines.journal import Journal, NaturalImage, ResponseRecord, SessionRecord, StimulusRecord
+from neurotwin.engines.session_export import SessionData
+from neurotwin.engines.session_metadata import RecordingMetadata
 from neurotwin.errors import NotFound
 from neurotwin.reports.session_report import FIGURES, RENDERERS, SETTING_KEYS
 from neurotwin.reports.session_summary import SessionSummary, StimulusScore, summarize_session
 
 DEFAULT_TOP = 8
 DEFAULT_MIN_INTERVAL_S = 1.0
+# Least time between two summaries of a session, as a multiple of what the last one took.
+COST_FACTOR = 5.0
 
 
 def told_state(record: SessionRecord) -> tuple[int, int, str]:
@@ -43,8 +50,9 @@ class Snapshot:
 
     record: SessionRecord
     summary: SessionSummary
-    # time.monotonic() when it was computed.
+    # time.monotonic() when it was computed, and the seconds computing it took.
     computed: float
+    cost: float = 0.0
 
     @property
     def revision(self) -> int:
@@ -131,6 +139,20 @@ def session_list_json(record: SessionRecord) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _Rows:
+    """A session's journal rows (no pixels) of its first ``final`` generations, all told: final."""
+
+    final: int
+    stimuli: list[StimulusRecord]
+    responses: list[ResponseRecord]
+    natural: list[NaturalImage]
+
+
+# Reading this many generations one query each is slower than one query for all.
+_PER_GENERATION_READS = 4
+
+
 class LiveSessions:
     """Read side of the journal for the dashboard, with summaries and figures cached per session."""
 
@@ -153,6 +175,7 @@ class LiveSessions:
         # (session, generation) -> {index: (image, sha256)}
         self._images: OrderedDict[tuple[str, int], dict[int, tuple[bytes, str]]] = OrderedDict()
         self.image_generations = image_generations
+        self._rows: OrderedDict[str, _Rows] = OrderedDict()
 
     def sessions(self) -> list[dict[str, Any]]:
         # Newest first: the running session is usually the one wanted.
@@ -165,15 +188,19 @@ class LiveSessions:
         record = self.journal.get_session(session_id)
         with self._lock:
             cached = self._summaries.get(session_id)
-        if cached is not None and (
-            told_state(cached.record) == told_state(record)
-            or time.monotonic() - cached.computed < self.min_interval_s
-        ):
-            return cached
+        if cached is not None:
+            if told_state(cached.record) == told_state(record):
+                return cached
+            if self.min_interval_s > 0:
+                wait = max(self.min_interval_s, COST_FACTOR * cached.cost)
+                if time.monotonic() - cached.computed < wait:
+                    return cached
         # The record was read before the rows, so a summary is never older than its record says (a
         # Tell landing meanwhile makes it newer, and the next record recomputes it).
-        summary = summarize_session(collect(self.journal, session_id, with_images=False), top=self.top)
-        snapshot = Snapshot(record, summary, time.monotonic())
+        started = time.monotonic()
+        summary = summarize_session(self._collect(session_id, record), top=self.top)
+        finished = time.monotonic()
+        snapshot = Snapshot(record, summary, finished, finished - started)
         with self._lock:
             current = self._summaries.get(session_id)
             if current is None or current.revision <= snapshot.revision:
@@ -182,6 +209,53 @@ class LiveSessions:
             while len(self._summaries) > self.cache_size:
                 self._summaries.popitem(last=False)
         return snapshot
+
+    def _collect(self, session_id: str, record: SessionRecord) -> SessionData:
+        """What ``session_export.collect`` reads (without pixels), re-reading only unfinished rows."""
+        generations = self.journal.generations(session_id)
+        with self._lock:
+            rows = self._rows.get(session_id)
+        if rows is None or rows.final > len(generations):
+            rows = _Rows(0, [], [], self.journal.natural_images(session_id, with_data=False))
+        # Like collect: only rows of generations seen in the first read, so that one proposed
+        # meanwhile does not appear half read.
+        fresh = [g.generation for g in generations if g.generation >= rows.final]
+        if len(fresh) <= _PER_GENERATION_READS:
+            stimuli = [s for g in fresh for s in self.journal.stimuli(session_id, g, with_images=False)]
+            responses = [r for g in fresh for r in self.journal.responses(session_id, g)]
+        else:
+            wanted = set(fresh)
+            stimuli = [
+                s for s in self.journal.stimuli(session_id, with_images=False) if s.generation in wanted
+            ]
+            responses = [r for r in self.journal.responses(session_id) if r.generation in wanted]
+        data = SessionData(
+            record,
+            generations,
+            rows.stimuli + stimuli,
+            rows.responses + responses,
+            rows.natural,
+            RecordingMetadata.from_dict(record.config.get("metadata")),
+        )
+        # Generations told without a gap from the first are final (their last Tell wrote the
+        # responses and the generation's told time in one transaction).
+        final = rows.final
+        for g in generations[rows.final :]:
+            if g.generation != final or g.told is None:
+                break
+            final += 1
+        kept = _Rows(
+            final,
+            rows.stimuli + [s for s in stimuli if s.generation < final],
+            rows.responses + [r for r in responses if r.generation < final],
+            rows.natural,
+        )
+        with self._lock:
+            self._rows[session_id] = kept
+            self._rows.move_to_end(session_id)
+            while len(self._rows) > max(1, self.cache_size // 4):
+                self._rows.popitem(last=False)
+        return data
 
     def image(self, session_id: str, generation: int, index: int) -> tuple[bytes, str]:
         """The encoded image (PNG or JPEG, as the rig got it) and its sha256."""

@@ -87,6 +87,20 @@ def _scores(data: SessionData, means: np.ndarray) -> np.ndarray:
     return objective_scores(means, data.config["target_neurons"], data.config["objective"])
 
 
+def mean_responses(responses: list[ResponseRecord], neurons: int) -> np.ndarray:
+    """[presentations, neurons] float64: each response averaged over its repeats, as
+    ``ResponseRecord.mean``; one numpy call per distinct repeat count, not one per presentation (the
+    live dashboard summarizes sessions of thousands while they run)."""
+    means = np.zeros((len(responses), neurons))
+    by_repeats: dict[int, list[int]] = defaultdict(list)
+    for i, response in enumerate(responses):
+        by_repeats[response.repeats.shape[0]].append(i)
+    for rows in by_repeats.values():
+        stacked = np.stack([responses[i].repeats for i in rows])
+        means[rows] = stacked.mean(axis=1, dtype=np.float64)
+    return means
+
+
 def _nan_stat(values: list[float], stat: Any) -> float:
     return float(stat(values)) if values else math.nan
 
@@ -99,7 +113,7 @@ def summarize_session(data: SessionData, top: int = 8) -> SessionSummary:
     pairs: list[tuple[StimulusRecord, ResponseRecord]] = sorted(
         data.told(), key=lambda pair: (pair[0].generation, pair[0].index)
     )
-    means = np.stack([r.mean for _, r in pairs]) if pairs else np.zeros((0, int(config["neuron_count"])))
+    means = mean_responses([r for _, r in pairs], int(config["neuron_count"]))
     scores = _scores(data, means)
     names = {n.index: n.name for n in data.natural}
 

@@ -84,6 +84,8 @@ MIN_IMAGE_SIZE = 8
 # Sane ranges for request numbers: latents are unit-scale and rates are O(1-100), so larger values
 # only overflow (to a non-finite objective) without meaning anything.
 MAX_LEARNING_RATE = 1e3
+# A call that ends with less time than this left ended at its deadline.
+_DEADLINE_SLACK_S = 0.1
 MAX_OBJECTIVE_WEIGHT = 1e6
 JOB_BUCKETS = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 OCCUPANCY_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -655,11 +657,16 @@ class SynthesizerService:
             raise
         finally:
             if not job.done:
-                job.cancel()
+                # The consumer left: at (about) the deadline that is the deadline, else a cancel.
+                if deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S:
+                    job.expire()
+                else:
+                    job.cancel()
                 if outcome == "failed":
                     outcome = "cancelled"
             # gRPC cancels a call whose deadline passed: that is a deadline, not a cancellation.
-            if outcome == "cancelled" and deadline is not None and time.monotonic() >= deadline:
+            expired = job.state == "deadline" or (deadline is not None and time.monotonic() >= deadline)
+            if outcome == "cancelled" and expired:
                 outcome = "deadline"
             self.metrics.jobs.labels(method, outcome).inc()
             self.metrics.job_seconds.labels(method).observe(time.monotonic() - job.submitted)
@@ -751,9 +758,18 @@ class SynthesizerServicer(pb_grpc.StimulusSynthesizerServicer):
         self, request: pb.SynthesizeRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.SynthesizeResponse]:
         def watch(job: SynthesisJob) -> None:
-            # Runs when the call ends for any reason; after a normal finish cancel() is a no-op.
-            if not context.add_callback(job.cancel):
-                job.cancel()
+            def ended() -> None:
+                # Runs when the call ends for any reason; after a normal finish it is a no-op. A call
+                # that ends with no time left ended at its deadline, which the client's clock may
+                # have reached a moment before the server's copy of it.
+                remaining = context.time_remaining()
+                if remaining is not None and remaining < _DEADLINE_SLACK_S:
+                    job.expire()
+                else:
+                    job.cancel()
+
+            if not context.add_callback(ended):
+                ended()
 
         responses = self.service.run(request, deadline_from(context), on_submit=watch)
         try:

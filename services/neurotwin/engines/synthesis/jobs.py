@@ -72,6 +72,7 @@ class SynthesisJob:
         self._result: SynthesisResult | None = None
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._cancel = threading.Event()
+        self._expired = False
         self._finished = threading.Event()
         self.runner: Runner | None = None
 
@@ -80,6 +81,15 @@ class SynthesisJob:
     def cancel(self) -> None:
         """Ask the scheduler to stop this job; it stops before its next step."""
         self._cancel.set()
+
+    def expire(self) -> None:
+        """Stop this job as past its deadline (the caller's clock said so first): reported as such."""
+        self._expired = True
+        self._cancel.set()
+
+    @property
+    def expired(self) -> bool:
+        return self._expired
 
     @property
     def cancelled(self) -> bool:
@@ -311,6 +321,17 @@ def not_finite(job: SynthesisJob, what: str, rates: Tensor) -> NeurotwinError:
             "objective weights or learning rate are too large"
         )
     return SynthesisFailed(f"{job.id}: the twin's rates are not finite at step {job.step}")
+
+
+def stop_error(job: SynthesisJob, when: str) -> NeurotwinError | None:
+    """Why a job must stop now, or None. The deadline first: a client's deadline also cancels its
+    call, and that is a deadline, not a cancellation."""
+    deadline = job.request.deadline
+    if job.expired or (deadline is not None and time.monotonic() >= deadline):
+        return DeadlineExceeded(f"{job.id}: deadline passed {when}")
+    if job.cancelled:
+        return Cancelled(f"{job.id}: cancelled {when}")
+    return None
 
 
 def stopped(job: SynthesisJob) -> bool:

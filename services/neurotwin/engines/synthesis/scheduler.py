@@ -30,6 +30,7 @@ from neurotwin.engines.synthesis.jobs import (
     build_runner,
     not_finite,
     render_latents,
+    stop_error,
     stopped,
 )
 from neurotwin.engines.synthesis.requests import (
@@ -194,8 +195,9 @@ class SynthesisScheduler:
         with self._lock:
             incoming = list(self._pending)
         for job in incoming:
-            if job.cancelled:
-                self._finish_error(job, Cancelled(f"{job.id}: cancelled before it started"))
+            stop = stop_error(job, "before it started")
+            if stop is not None:
+                self._finish_error(job, stop)
                 continue
             try:
                 job.pair.to(self.device)
@@ -216,15 +218,12 @@ class SynthesisScheduler:
                     self._active.append(job)
 
     def _drop_stopped(self) -> None:
-        now = time.monotonic()
         with self._lock:
             active = list(self._active)
         for job in active:
-            # The deadline first: a client's deadline also cancels its call, and that is a deadline.
-            if job.request.deadline is not None and now >= job.request.deadline:
-                self._finish_error(job, DeadlineExceeded(f"{job.id}: deadline passed at step {job.step}"))
-            elif job.cancelled:
-                self._finish_error(job, Cancelled(f"{job.id}: cancelled at step {job.step}"))
+            stop = stop_error(job, f"at step {job.step}")
+            if stop is not None:
+                self._finish_error(job, stop)
 
     def _finish_error(self, job: SynthesisJob, error: NeurotwinError) -> None:
         with self._lock:

@@ -6,10 +6,11 @@
 
 One process serves the closed loop (bundled generator ``v4-dcgan``, SQLite journal in WAL/FULL mode)
 and the HTTP listener with the dashboard, behind a token; the rig is a gRPC client on loopback in the
-same process (Ask, then Tell Poisson counts for every stimulus), as ``rig-sim`` runs. Watchers are
-threads of a second process speaking plain HTTP as a browser tab does: every ``--poll`` seconds the
-session list and the session (with ``If-None-Match``), and, when the session changed, the new last
-generation's images.
+same process (Ask, then Tell Poisson counts for every stimulus), as ``rig-sim`` runs, by default
+without pausing to present the images (``--presenting S``: seconds a generation is on screen).
+Watchers are threads of a second process speaking plain HTTP as a browser tab does: every
+``--poll`` seconds the session list and the session (with ``If-None-Match``), and, when the session
+changed, the new last generation's images.
 
 Measured side by side in one run:
 1. per request while the rig runs: the first session poll after a Tell (the summary is recomputed for
@@ -135,15 +136,19 @@ class Rig:
         self.session_id = session_id
         self.rng = np.random.default_rng(seed)
 
-    def generation(self) -> tuple[float, int]:
-        """Ask + Tell of one generation: wall ms and the generation number."""
+    def generation(self, presenting_s: float = 0.0) -> tuple[float, int]:
+        """One generation: Ask, ``presenting_s`` of showing the images, Tell. The wall ms of Ask + Tell
+        (the server's part, what the rig waits for) and the generation number."""
         started = time.perf_counter()
         pending = self.client.ask(self.session_id)
+        asked = time.perf_counter()
+        time.sleep(presenting_s)
         responses = {
             s.stimulus_id: self.rng.poisson(4.0, (1, NEURONS)).astype(np.float32) for s in pending.stimuli
         }
+        told = time.perf_counter()
         self.client.tell(self.session_id, pending.generation, responses)
-        return (time.perf_counter() - started) * 1000, pending.generation
+        return (asked - started + time.perf_counter() - told) * 1000, pending.generation
 
 
 def _stats(values: list[float]) -> str:
@@ -165,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--browsers", type=int, default=4, help="watching browser tabs")
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between a tab's polls")
     parser.add_argument("--refresh", type=float, default=1.0, help="--closed-loop-dashboard-refresh-seconds")
+    parser.add_argument(
+        "--presenting",
+        type=float,
+        default=0.0,
+        help="seconds the rig spends showing a generation between Ask and Tell (0: none, the worst case)",
+    )
     parser.add_argument("--blocks", type=int, default=4, help="alternating alone/watched blocks")
     parser.add_argument("--block-generations", type=int, default=8)
     parser.add_argument(
@@ -255,8 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         requests["session, first poll after a Tell"].append(ms)
         ms, _, _ = _timed_get(port, base)
         requests["session, again"].append(ms)
-        etag = _get(port, base)[2]["etag"]
-        ms, status, _ = _timed_get(port, base, {"If-None-Match": etag})
+        # The summary may still change under the ETag (the refresh interval passes): ask again.
+        for _ in range(10):
+            etag = _get(port, base)[2]["etag"]
+            ms, status, _ = _timed_get(port, base, {"If-None-Match": etag})
+            if status == 304:
+                break
         assert status == 304
         requests["session, 304"].append(ms)
         requests["list"].append(_timed_get(port, "/ui/api/sessions")[0])
@@ -272,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     watched_seconds = 0.0
     context = multiprocessing.get_context("spawn")
     for _ in range(args.blocks):
-        alone += [rig.generation()[0] for _ in range(args.block_generations)]
+        alone += [rig.generation(args.presenting)[0] for _ in range(args.block_generations)]
         stop = context.Event()
         counts = context.Value("i", 0)
         process = context.Process(
@@ -281,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         process.start()
         time.sleep(min(2.0, 2 * args.poll))  # the tabs have loaded and are polling
         begun = time.monotonic()
-        watched += [rig.generation()[0] for _ in range(args.block_generations)]
+        watched += [rig.generation(args.presenting)[0] for _ in range(args.block_generations)]
         watched_seconds += time.monotonic() - begun
         stop.set()
         process.join(30)
@@ -308,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, values in requests.items():
         print(f"| {name} | {_stats(values)} |")
     ratio = statistics.median(watched) / statistics.median(alone)
-    print(f"\nrig, Ask + Tell per generation ({args.blocks} x {args.block_generations} generations each way)")
+    print(
+        f"\nrig, Ask + Tell per generation ({args.blocks} x {args.block_generations} generations each way, "
+        f"{args.presenting} s presenting each)"
+    )
     print("| rig | ms p50 / p90 |")
     print("|---|---|")
     print(f"| alone | {_stats(alone)} |")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from neurotwin.engines.model_manager import ModelManager
+from neurotwin.engines.registry import ModelRegistry
 from neurotwin.server import predictor
 from neurotwin.server.common import GrpcServer
 from neurotwin.server.config import ServerSettings
@@ -38,7 +38,7 @@ class Gate:
         return self._run(images)
 
 
-def gate_model(manager: ModelManager, name: str, version: int | None = None) -> Gate:
+def gate_model(manager: ModelRegistry, name: str, version: int | None = None) -> Gate:
     """Put a gate in front of a served version's runtime (the batcher and session stay real)."""
     batcher = manager.get(name, version).batcher
     gate = Gate(batcher.run_fn)
@@ -49,7 +49,7 @@ def gate_model(manager: ModelManager, name: str, version: int | None = None) -> 
 @contextlib.contextmanager
 def predictor_server(
     store_root: str | Path, server: dict[str, Any] | None = None, **settings: Any
-) -> Iterator[tuple[GrpcServer, ModelManager]]:
+) -> Iterator[tuple[GrpcServer, ModelRegistry]]:
     """A started server with the predictor service (plus KServe) on free ports."""
     server_settings = ServerSettings(**{"port": 0, "metrics_port": 0, "grace_seconds": 5, **(server or {})})
     grpc_server = GrpcServer(server_settings)

@@ -132,7 +132,12 @@ def test_export_twin_writes_a_valid_version_with_the_card_embedded(
         metrics={"test": {"median_r": 0.4}},
     )
     assert version.path == tmp_path / PREDICTORS / "twin" / "1"
-    assert sorted(p.name for p in version.path.iterdir()) == ["card.json", "model.onnx"]
+    assert sorted(p.name for p in version.path.iterdir()) == [
+        "card.json",
+        "integrity.json",
+        "model.onnx",
+        "reference.npz",
+    ]
     loaded = validate_predictor(version)
     assert loaded.neuron_ids == ["a", "b", "c", "d"] and loaded.opset == OPSET
     assert loaded.training["parity"]["max_abs_diff"] <= loaded.training["parity"]["tolerance"]

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from neurotwin import __version__
-from neurotwin.engines.model_manager import LoadedVersion, ManagerSettings, ModelManager
+from neurotwin.engines.model_handles import LoadedVersion
 from neurotwin.engines.oip_tensors import InputTensor, OutputTensor, bytes_elements, uint8_array
+from neurotwin.engines.registry import ModelRegistry, RegistrySettings
 from neurotwin.engines.statistics import InferenceStatistics
 from neurotwin.errors import FailedPrecondition, InvalidInput, NeurotwinError
 from neurotwin.imagecodec import DEFAULT_MAX_PIXELS, decode_image
@@ -107,9 +108,9 @@ class InferenceDataPlane:
 
     def __init__(
         self,
-        manager: ModelManager,
+        manager: ModelRegistry,
         store: ModelStore,
-        serving: ManagerSettings,
+        serving: RegistrySettings,
         statistics: InferenceStatistics,
         limits: RequestLimits | None = None,
         model_control: bool = False,

@@ -533,6 +533,12 @@ def save_generator(
         latent_prior=dict(latent_prior or module.latent_prior()),
     )
     card.save(folder / CARD_FILE)
+    # Reference outputs from the weights as written and loaded back (eval mode, CPU), which is what a
+    # server loads; checksums of the files, so that a server refuses them changed.
+    from neurotwin.integrity import record_integrity
+    from neurotwin.runtimes.generator_reference import generator_reference
+
+    record_integrity(folder, [WEIGHTS_FILE], generator_reference(load_generator(folder)), recorded_by="save")
     return card
 
 

@@ -21,7 +21,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from neurotwin.engines.batcher import BatcherSettings
 from neurotwin.engines.inference import InferenceDataPlane, RequestLimits, check_image_count
-from neurotwin.engines.model_manager import LoadedVersion, ManagerSettings, ModelManager, VersionState
+from neurotwin.engines.model_handles import LoadedVersion
+from neurotwin.engines.model_versions import VersionState
+from neurotwin.engines.registry import ModelRegistry, RegistrySettings
 from neurotwin.engines.statistics import InferenceStatistics, VersionStatistics
 from neurotwin.errors import InvalidInput
 from neurotwin.imagecodec import DEFAULT_MAX_PIXELS, decode_image
@@ -81,8 +83,8 @@ class Settings:
     # models over the repository API; the store is read only then (no polling).
     model_control: str = "poll"
 
-    def manager_settings(self) -> ManagerSettings:
-        return ManagerSettings(
+    def registry_settings(self) -> RegistrySettings:
+        return RegistrySettings(
             policy=VersionPolicy.parse(self.version_policy),
             batcher=BatcherSettings(
                 max_batch_size=self.max_batch_size,
@@ -117,7 +119,7 @@ FLAG_HELP = {
 
 
 class PredictorMetrics:
-    """Service-level Prometheus metrics; also the manager's and batchers' observer."""
+    """Service-level Prometheus metrics; also the registry's and batchers' observer."""
 
     def __init__(
         self, registry: CollectorRegistry, manager_knows: Callable[[str], bool] | None = None
@@ -199,7 +201,7 @@ class PredictorMetrics:
         # Labels only for models the server knows: arbitrary requested names must not grow the registry.
         return model if model == ALL_MODELS or (model and self.knows(model)) else UNKNOWN_MODEL
 
-    # ManagerObserver
+    # RegistryObserver
     def batch_observer(self, model: str, version: int) -> _BatchMetrics:
         return _BatchMetrics(self, model, self.statistics.loaded(model, version))
 
@@ -406,7 +408,7 @@ class _CancelSlot:
 
 
 class PredictorServicer(pb_grpc.FiringRatePredictorServicer):
-    def __init__(self, manager: ModelManager, settings: Settings, metrics: PredictorMetrics) -> None:
+    def __init__(self, manager: ModelRegistry, settings: Settings, metrics: PredictorMetrics) -> None:
         self.manager = manager
         self.settings = settings
         self.metrics = metrics
@@ -486,10 +488,11 @@ class PredictorServicer(pb_grpc.FiringRatePredictorServicer):
             )
 
 
-def attach(server: GrpcServer, settings: Settings) -> ModelManager:
+def attach(server: GrpcServer, settings: Settings) -> ModelRegistry:
     """Load the models, then register FiringRatePredictor (and KServe v2) on ``server``.
 
-    Returns the model manager, for embedding code and tests.
+    The models come from the server's shared registry (``server/models.py``), configured by these
+    settings. Returns the registry, for embedding code and tests.
     """
     if settings.model_control not in ("poll", "explicit"):
         raise InvalidInput(f"model_control {settings.model_control!r}: expected 'poll' or 'explicit'")
@@ -498,10 +501,12 @@ def attach(server: GrpcServer, settings: Settings) -> ModelManager:
             "model_control 'explicit' lets clients load and unload models: set auth tokens "
             "(--auth-tokens or --auth-token-file) so that only holders of a token can"
         )
+    from neurotwin.server.models import shared_registry
+
     metrics = PredictorMetrics(server.metrics.registry)
-    manager = ModelManager(settings.model_store, settings.manager_settings(), observer=metrics)
+    # The observer goes in before the first load, so the first versions' batchers get their metrics.
+    manager = shared_registry(server, settings.model_store, settings.registry_settings(), observers=[metrics])
     metrics.knows = manager.knows
-    manager.start()
     ready = {
         name: [i.version for i in infos if i.state == VersionState.READY]
         for name, infos in manager.status().items()
@@ -511,7 +516,6 @@ def attach(server: GrpcServer, settings: Settings) -> ModelManager:
     server.add_service(
         lambda grpc_server: pb_grpc.add_FiringRatePredictorServicer_to_server(servicer, grpc_server),
         [SERVICE_NAME],
-        on_stop=manager.stop,
     )
     if settings.kserve:
         from neurotwin.server import kserve
@@ -519,7 +523,7 @@ def attach(server: GrpcServer, settings: Settings) -> ModelManager:
         plane = InferenceDataPlane(
             manager,
             ModelStore(settings.model_store),
-            settings.manager_settings(),
+            settings.registry_settings(),
             metrics.statistics,
             RequestLimits(settings.max_images_per_request, settings.max_decoded_pixels),
             model_control=settings.model_control == "explicit",

@@ -31,8 +31,10 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from neurotwin.card import GeneratorCard, PredictorCard
+from neurotwin.engines.model_handles import RefCounted
 from neurotwin.engines.objectives import ObjectiveSpec, build_objective
 from neurotwin.engines.optimizers import GradientConfig
+from neurotwin.engines.registry import ModelRegistry, RegistrySettings
 from neurotwin.engines.synthesis import (
     MAX_IMAGES_PER_JOB,
     ModelPair,
@@ -57,12 +59,8 @@ from neurotwin.runtimes.devices import select_device
 from neurotwin.server.common import LATENCY_BUCKETS, GrpcServer, deadline_from
 from neurotwin.store import (
     GENERATORS,
-    PREDICTORS,
-    ModelStore,
-    ModelVersion,
     default_store_root,
     validate_generator,
-    validate_predictor,
 )
 from neurotwin.v1 import synthesizer_pb2 as pb
 from neurotwin.v1 import synthesizer_pb2_grpc as pb_grpc
@@ -307,108 +305,84 @@ class _PairKey:
 
 @dataclass(eq=False)
 class LoadedPair:
+    """A twin + prior pair checked out of the model registry for one job; ``release`` when it ends."""
+
     key: _PairKey
     pair: ModelPair
     card: PredictorCard
     generator_card: GeneratorCard | None
+    handles: tuple[RefCounted, ...] = ()
+    _released: bool = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            for handle in self.handles:
+                handle.exit()
 
 
 class PairCache:
-    """Twin + generator pairs, loaded on first use and kept (LRU). Loading happens outside the lock,
-    one load per key at a time, so a slow load does not hold up requests for pairs already loaded."""
+    """Twin + generator pairs from the model registry: the twin is converted from a predictor version
+    that passed validation (newest served one unless pinned), the generator is the newest validated
+    version unless pinned. Pairs of the same modules are reused, so concurrent jobs batch together."""
 
-    def __init__(self, store: ModelStore, settings: Settings, device: torch.device) -> None:
-        self.store = store
+    def __init__(self, models: ModelRegistry, settings: Settings, device: torch.device) -> None:
+        self.models = models
         self.settings = settings
         self.device = device
         self._lock = threading.Lock()
-        self._pairs: collections.OrderedDict[_PairKey, LoadedPair] = collections.OrderedDict()
-        self._twins: dict[tuple[str, int], tuple[torch.nn.Module, PredictorCard]] = {}
-        self._loading: dict[_PairKey, threading.Lock] = {}
+        self._pairs: collections.OrderedDict[_PairKey, ModelPair] = collections.OrderedDict()
+        self._pixels: dict[int, torch.nn.Module] = {}
 
-    def resolve(self, model: str, model_version: int, generator: str, generator_version: int) -> _PairKey:
-        """Names and versions -> the exact pair; NotFound for anything the store does not have."""
+    def checkout(self, model: str, model_version: int, generator: str, generator_version: int) -> LoadedPair:
+        """The pair, counted in with the registry until ``release``. NotFound / ModelStoreError."""
         if not model:
             raise InvalidInput("model: name the twin to synthesize for")
-        twin = self.store.resolve(PREDICTORS, model, model_version or None)
         generator = generator or self.settings.default_generator
-        if generator == PIXELS:
-            if generator_version:
-                raise InvalidInput("generator 'pixels' has no versions; leave generator_version at 0")
-            return _PairKey(twin.name, twin.version, PIXELS, 0)
-        gen = self.store.resolve(GENERATORS, generator, generator_version or None)
-        return _PairKey(twin.name, twin.version, gen.name, gen.version)
-
-    def get(self, key: _PairKey) -> LoadedPair:
-        with self._lock:
-            loaded = self._pairs.get(key)
-            if loaded is not None:
-                self._pairs.move_to_end(key)
-                return loaded
-            gate = self._loading.setdefault(key, threading.Lock())
-        with gate:
-            with self._lock:
-                loaded = self._pairs.get(key)
-                if loaded is not None:
-                    return loaded
-            loaded = self._load(key)
-            with self._lock:
-                self._pairs[key] = loaded
-                self._loading.pop(key, None)
-                while len(self._pairs) > max(1, self.settings.max_loaded_pairs):
-                    # Running jobs keep their own reference; dropping the entry only stops reuse.
-                    old_key, _ = self._pairs.popitem(last=False)
-                    if not any(
-                        k.model == old_key.model and k.model_version == old_key.model_version
-                        for k in self._pairs
-                    ):
-                        self._twins.pop((old_key.model, old_key.model_version), None)
-            return loaded
-
-    def _twin(self, key: _PairKey) -> tuple[torch.nn.Module, PredictorCard]:
-        from neurotwin.runtimes.onnx_torch import load_differentiable_twin
-
-        twin_key = (key.model, key.model_version)
-        with self._lock:
-            cached = self._twins.get(twin_key)
-        if cached is not None:
-            return cached
-        version = self.store.resolve(PREDICTORS, key.model, key.model_version)
-        started = time.perf_counter()
-        card = validate_predictor(version)
-        # An ensemble twin gives synthesis its members' rates [N, M, K], so objectives can ask them to agree.
-        members = card.output.member_output if card.output.members > 1 else None
-        module, card = load_differentiable_twin(
-            version,
-            self.device,
+        if generator == PIXELS and generator_version:
+            raise InvalidInput("generator 'pixels' has no versions; leave generator_version at 0")
+        twin = self.models.derived.twin(
+            model,
+            model_version or None,
+            device=self.device,
             parity_images=max(0, self.settings.parity_images),
-            output_names=None if members is None else [members],
+            # An ensemble twin gives synthesis its members' rates, so objectives can ask them to agree.
+            members=True,
         )
-        module.member_count = card.output.members if members is not None else 1
-        log.info("synthesizer: loaded twin %s in %.2f s", version, time.perf_counter() - started)
+        handles: list[RefCounted] = [twin]
+        try:
+            generator_card: GeneratorCard | None = None
+            if generator == PIXELS:
+                prior = self._pixel_prior(max(twin.card.input.height, twin.card.input.width))
+                key = _PairKey(twin.name, twin.version, PIXELS, 0)
+            else:
+                loaded = self.models.derived.generator(generator, generator_version or None, self.device)
+                handles.append(loaded)
+                prior, generator_card = loaded.module, loaded.card
+                key = _PairKey(twin.name, twin.version, loaded.name, loaded.version)
+            with self._lock:
+                pair = self._pairs.get(key)
+                if pair is None or pair.twin is not twin.module or pair.prior is not prior:
+                    pair = ModelPair(twin=twin.module, prior=prior, card=twin.card, key=str(key))
+                    self._pairs[key] = pair
+                self._pairs.move_to_end(key)
+                while len(self._pairs) > max(1, self.settings.max_loaded_pairs):
+                    self._pairs.popitem(last=False)
+        except BaseException:
+            for handle in handles:
+                handle.exit()
+            raise
+        return LoadedPair(key, pair, twin.card, generator_card, tuple(handles))
+
+    def _pixel_prior(self, resolution: int) -> torch.nn.Module:
+        from neurotwin.runtimes.generators import FourierPixels
+
         with self._lock:
-            self._twins[twin_key] = (module, card)
-        return module, card
-
-    def _load(self, key: _PairKey) -> LoadedPair:
-        from neurotwin.runtimes.generators import FourierPixels, load_generator
-
-        twin, card = self._twin(key)
-        generator_card: GeneratorCard | None = None
-        if key.generator == PIXELS:
-            prior: torch.nn.Module = FourierPixels(resolution=max(card.input.height, card.input.width))
-            prior = prior.to(self.device).eval().requires_grad_(False)
-        else:
-            version = ModelVersion(
-                GENERATORS,
-                key.generator,
-                key.generator_version,
-                self.store.root / GENERATORS / key.generator / str(key.generator_version),
-            )
-            prior = load_generator(version, self.device)
-            generator_card = prior.card
-        pair = ModelPair(twin=twin, prior=prior, card=card, key=str(key))
-        return LoadedPair(key, pair, card, generator_card)
+            prior = self._pixels.get(resolution)
+            if prior is None:
+                prior = FourierPixels(resolution=resolution).to(self.device).eval().requires_grad_(False)
+                self._pixels[resolution] = prior
+            return prior
 
     def loaded(self) -> list[str]:
         with self._lock:
@@ -443,6 +417,7 @@ class SynthesizerService:
         registry: CollectorRegistry | None = None,
         *,
         start: bool = True,
+        models: ModelRegistry | None = None,
     ) -> None:
         for name in ("max_jobs", "max_images", "max_batch_images", "max_image_size"):
             if getattr(settings, name) < 1:
@@ -457,8 +432,14 @@ class SynthesizerService:
             member_temperature=float(settings.member_temperature),
             member_disagreement=float(settings.member_disagreement),
         )
-        self.store = ModelStore(settings.model_store)
-        self.pairs = PairCache(self.store, settings, self.device)
+        # The server's shared model registry; in process (the CLI) one of our own, released on stop.
+        self._own_models = models is None
+        if models is None:
+            models = ModelRegistry(settings.model_store, RegistrySettings(poll_seconds=0))
+            models.start()
+        self.models = models
+        self.store = models.store
+        self.pairs = PairCache(models, settings, self.device)
         self.scheduler = SynthesisScheduler(
             device=self.device,
             max_jobs=settings.max_jobs,
@@ -477,6 +458,8 @@ class SynthesizerService:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        if self._own_models:
+            self.models.stop()
 
     # -- request -> engine job ----------------------------------------------------------------------
 
@@ -570,15 +553,29 @@ class SynthesizerService:
         self._check_shape(request)
         method = self._method(request)
         budget = self._budget(request, method)
-        key = self.pairs.resolve(
-            request.model, request.model_version, request.generator, request.generator_version
-        )
         # Refuse before loading anything when the scheduler is already full (submit checks again).
         if self.scheduler.load >= self.settings.max_jobs:
             raise ResourceExhausted(
                 f"synthesis is at its limit of {self.settings.max_jobs} concurrent requests; retry later"
             )
-        loaded = self.pairs.get(key)
+        loaded = self.pairs.checkout(
+            request.model, request.model_version, request.generator, request.generator_version
+        )
+        try:
+            return loaded, self._job_request(request, loaded, method, budget, deadline)
+        except BaseException:
+            loaded.release()
+            raise
+
+    def _job_request(
+        self,
+        request: pb.SynthesizeRequest,
+        loaded: LoadedPair,
+        method: str,
+        budget: int,
+        deadline: float | None,
+    ) -> SynthesisRequest:
+        key = loaded.key
         spec = self._objective_spec(request.objective, loaded.card)
         objective = build_objective(spec, loaded.card.neuron_ids)
         gradient = None
@@ -605,14 +602,18 @@ class SynthesizerService:
             name=str(key),
         )
         members = int(getattr(loaded.pair.twin, "member_count", 1))
-        return loaded, self.transfer.apply(loaded.pair, job_request, members)
+        return self.transfer.apply(loaded.pair, job_request, members)
 
     def submit(
         self, request: pb.SynthesizeRequest, deadline: float | None = None
     ) -> tuple[SynthesisJob, LoadedPair]:
         try:
             loaded, job_request = self.build(request, deadline)
-            job = self.scheduler.submit(loaded.pair, job_request)
+            try:
+                job = self.scheduler.submit(loaded.pair, job_request)
+            except BaseException:
+                loaded.release()
+                raise
         except ResourceExhausted:
             self.metrics.rejected.labels("full").inc()
             raise
@@ -672,6 +673,9 @@ class SynthesizerService:
             self.metrics.job_seconds.labels(method).observe(time.monotonic() - job.submitted)
             if job.started is not None:
                 self.metrics.queued_seconds.observe(job.started - job.submitted)
+            # The job no longer runs (finished, failed or cancelled: a cancelled one stops at its next
+            # step, and the scheduler keeps its own references meanwhile): the models may go.
+            loaded.release()
 
     @staticmethod
     def _encode(images: np.ndarray, fmt: str, size: int) -> list[bytes]:
@@ -788,7 +792,11 @@ class SynthesizerServicer(pb_grpc.StimulusSynthesizerServicer):
 
 def attach(server: GrpcServer, settings: Settings) -> SynthesizerService:
     """Start the scheduler and register StimulusSynthesizer on ``server``; returns the service."""
-    service = SynthesizerService(settings, server.metrics.registry)
+    from neurotwin.server.models import shared_registry
+
+    service = SynthesizerService(
+        settings, server.metrics.registry, models=shared_registry(server, settings.model_store)
+    )
     servicer = SynthesizerServicer(service)
     server.add_service(
         lambda grpc_server: pb_grpc.add_StimulusSynthesizerServicer_to_server(servicer, grpc_server),

@@ -22,6 +22,7 @@ from torch import nn
 
 from neurotwin.card import MEMBER_OUTPUT, ONNX_CARD_KEY, InputSpec, NeuronStats, OutputSpec, PredictorCard
 from neurotwin.errors import NeurotwinError, ParityError
+from neurotwin.integrity import REFERENCE_COUNT, Reference, record_integrity, reference_images
 from neurotwin.store import PREDICTORS, ModelStore, ModelVersion, validate_predictor
 from neurotwin.training.twin import TwinModel
 
@@ -198,8 +199,11 @@ def embed_card(model_bytes: bytes, card: PredictorCard) -> bytes:
     return model.SerializeToString()
 
 
-def write_predictor(store: ModelStore, name: str, model_bytes: bytes, card: PredictorCard) -> ModelVersion:
-    """Write model (card embedded) + card.json as the next version of ``name``, validated first.
+def write_predictor(
+    store: ModelStore, name: str, model_bytes: bytes, card: PredictorCard, recorded_by: str = "export"
+) -> ModelVersion:
+    """Write model (card embedded) + card.json as the next version of ``name``, validated first, with
+    its checksums and reference outputs (``integrity.json``, ``reference.npz``).
 
     Validation runs on the staging folder, so a broken twin never becomes a version (the staging folder
     is removed and the error propagates); a valid one appears atomically.
@@ -209,6 +213,10 @@ def write_predictor(store: ModelStore, name: str, model_bytes: bytes, card: Pred
         (folder / "model.onnx").write_bytes(payload)
         card.save(folder / "card.json")
         validate_predictor(ModelVersion(PREDICTORS, name, 0, Path(folder)))
+        spec = card.input
+        images = reference_images(REFERENCE_COUNT, spec.height, spec.width, spec.channels)
+        outputs = onnx_predict(ort_session(payload), images)
+        record_integrity(folder, ["model.onnx"], Reference(images, outputs), recorded_by=recorded_by)
     return store.resolve(PREDICTORS, name)
 
 

@@ -176,7 +176,7 @@ def register_onnx(
         description=description or f"imported from {path.name}",
         units=units,
     )
-    version = write_predictor(store, name, model_bytes, card)
+    version = write_predictor(store, name, model_bytes, card, recorded_by="register")
     return version, card
 
 

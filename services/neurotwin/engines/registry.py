@@ -1,30 +1,36 @@
-"""Model lifecycle: which predictor versions are loaded, hot reload from the store, safe unloading.
+"""The model registry: one place per server process from which every service gets its models.
 
-The manager serves, for every predictor in the store, the versions its VersionPolicy keeps among the
-versions that load. It polls the store; a new version is validated, loaded and warmed up in the
-background (the poll thread) and only then swapped in, by replacing one dictionary reference, so a
-request sees either the old set of versions or the new one. A version that fails any step is marked
-FAILED (status and metric) and left out of the policy, so with "latest 1" the previous version keeps
+Predictor versions (ONNX Runtime session + batcher) are served as the version policy selects among
+the versions that pass validation (``engines/model_validation.py``: checksums, finite outputs,
+reference outputs). The registry polls the store: a new version is validated, loaded and warmed up
+in the background and only then swapped in, by replacing one dictionary reference, so a request sees
+either the old set of versions or the new one. A version that fails any step is marked FAILED
+(status, metric, log) and left out of the policy, so with "latest:1" the previous version keeps
 serving. It is retried only when its files change. A version that leaves the set is retired: new
-requests no longer reach it, and its session is released once its in-flight requests finish.
+requests no longer reach it, and it is released once its in-flight requests finish.
+
+Generators and torch twins (``engines/registry_derived.py``) come from the same registry: a twin is
+converted only from a predictor version that passed validation, so "newest" means the newest
+version Predict serves, for every service.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from neurotwin.card import PredictorCard
 from neurotwin.engines.batcher import Batcher, BatcherSettings, BatchObserver
+from neurotwin.engines.model_handles import LoadedVersion, RefCounted, checked_out
+from neurotwin.engines.model_validation import validate_predictor as validate_predictor_outputs
+from neurotwin.engines.model_validation import verify_files
+from neurotwin.engines.model_versions import VersionInfo, VersionState, fingerprint
 from neurotwin.errors import ModelStoreError, NeurotwinError, NotFound, Unavailable
 from neurotwin.runtimes.onnx_session import PredictorSession, SessionSettings
 from neurotwin.store import PREDICTORS, ModelStore, ModelVersion, VersionPolicy, validate_predictor
@@ -32,124 +38,48 @@ from neurotwin.store import PREDICTORS, ModelStore, ModelVersion, VersionPolicy,
 log = logging.getLogger(__name__)
 
 
-class VersionState(enum.Enum):
-    LOADING = "LOADING"
-    READY = "READY"
-    FAILED = "FAILED"
-    UNLOADING = "UNLOADING"
-
-
 @dataclass(frozen=True)
-class VersionInfo:
-    version: int
-    state: VersionState
-    message: str = ""
-    since: float = field(default_factory=time.time)
-
-
-@dataclass(frozen=True)
-class ManagerSettings:
+class RegistrySettings:
     policy: VersionPolicy = field(default_factory=VersionPolicy)
     batcher: BatcherSettings = field(default_factory=BatcherSettings)
     session: SessionSettings = field(default_factory=SessionSettings)
     # How often to look for new or removed versions; 0 turns polling off (refresh() still works).
     poll_seconds: float = 5.0
-    # How long a retired version waits for its in-flight requests before its session is released.
+    # How long a retired version waits for its in-flight requests before it is released.
     unload_grace_seconds: float = 60.0
+    # On-demand models kept loaded: predictor versions outside the policy that a caller pinned,
+    # generators, torch twins (least recently used ones are retired first).
+    max_pinned_versions: int = 4
+    max_generators: int = 8
+    max_twins: int = 4
 
 
-class ManagerObserver(Protocol):
-    """Metrics hooks for the manager; the server wires these to Prometheus."""
+class RegistryObserver(Protocol):
+    """Hooks for metrics; the server wires these to Prometheus. Every method is optional."""
 
     def batch_observer(self, model: str, version: int) -> BatchObserver | None:
-        """Hooks for the batcher of a version being loaded."""
+        """Hooks for the batcher of a predictor version being loaded."""
 
     def load_failed(self, model: str, version: int, message: str) -> None:
-        """A version was refused."""
+        """A predictor version was refused."""
 
     def versions_changed(self, model: str, ready: list[int]) -> None:
         """The set of ready versions of a model changed (empty when the model left the store)."""
 
 
-class LoadedVersion:
-    """A ready predictor version: its card, ONNX Runtime session and batcher."""
-
-    def __init__(self, model: ModelVersion, card: PredictorCard, session: PredictorSession, batcher: Batcher):
-        self.model = model
-        self.card = card
-        self.session = session
-        self.batcher = batcher
-        self.neuron_index = {neuron: i for i, neuron in enumerate(card.neuron_ids)}
-        self._users = 0
-        self._retired = False
-        self._cond = threading.Condition(threading.Lock())
-
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    @property
-    def version(self) -> int:
-        return self.model.version
-
-    def enter(self) -> bool:
-        """Count one request in; False once the version is retired (the caller re-resolves)."""
-        with self._cond:
-            if self._retired:
-                return False
-            self._users += 1
-            return True
-
-    def exit(self) -> None:
-        with self._cond:
-            self._users -= 1
-            if self._users == 0 and self._retired:
-                self._cond.notify_all()
-
-    def predict(
-        self,
-        images: np.ndarray,
-        deadline: float | None = None,
-        on_cancel: Callable[[Callable[[], None]], Any] | None = None,
-    ) -> np.ndarray:
-        """float32 [N, neurons]; images are checked against the card first (InvalidInput)."""
-        return self.batcher.infer(self.session.check(images), deadline, on_cancel)
-
-    def retire(self, timeout: float) -> bool:
-        """Refuse new requests, wait for in-flight ones, release the session; True if none was cut off."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            self._retired = True
-            while self._users > 0 and (left := deadline - time.monotonic()) > 0:
-                self._cond.wait(left)
-            clean = self._users == 0
-        clean = self.batcher.close(max(0.0, deadline - time.monotonic())) and clean
-        self.session.close()
-        return clean
-
-
-def _fingerprint(path: Path) -> tuple[Any, ...]:
-    """Changes when any file of the version is rewritten, so a fixed broken version is retried."""
-    parts: list[Any] = []
-    for name in ("model.onnx", "card.json"):
-        try:
-            stat = os.stat(path / name)
-            parts.append((stat.st_mtime_ns, stat.st_size))
-        except OSError:
-            parts.append(None)
-    return tuple(parts)
-
-
-class ModelManager:
+class ModelRegistry:
     def __init__(
         self,
         store_root: str | os.PathLike[str],
-        settings: ManagerSettings | None = None,
-        observer: ManagerObserver | None = None,
+        settings: RegistrySettings | None = None,
+        observer: Any = None,
     ) -> None:
+        from neurotwin.engines.registry_derived import DerivedModels
+
         self.store = ModelStore(store_root)
-        self.settings = settings or ManagerSettings()
-        self.observer = observer
+        self.settings = settings or RegistrySettings()
+        # Observers get every hook they define; a shared registry has one per service.
+        self.observers: list[Any] = [observer] if observer is not None else []
         # name -> version -> LoadedVersion; replaced as a whole, never mutated, so readers need no lock.
         self._served: dict[str, dict[int, LoadedVersion]] = {}
         self._status: dict[str, dict[int, VersionInfo]] = {}
@@ -161,12 +91,36 @@ class ModelManager:
         self._retirees: list[threading.Thread] = []
         # Explicit model control: the models to serve, or None for every model in the store.
         self._selected: set[str] | None = None
+        self.derived = DerivedModels(self)
+        self.started = False
         self.ready = False
 
-    # -- life cycle -------------------------------------------------------------------------------
+    # -- observers ----------------------------------------------------------------------------------
+
+    def notify(self, hook: str, *args: Any) -> None:
+        for observer in self.observers:
+            method = getattr(observer, hook, None)
+            if method is not None:
+                try:
+                    method(*args)
+                except Exception:
+                    log.exception("model registry observer %s failed", hook)
+
+    def _batch_observer(self, name: str, version: int) -> BatchObserver | None:
+        for observer in self.observers:
+            method = getattr(observer, "batch_observer", None)
+            if method is not None:
+                return method(name, version)
+        return None
+
+    # -- life cycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load what the policy selects now (blocking), then watch the store in the background."""
+        """Load what the policy selects now (blocking), then watch the store; a no-op when started."""
+        if self.started:
+            return
+        self.started = True
+        self._stop.clear()
         self.refresh()
         self.ready = True
         if self.settings.poll_seconds > 0:
@@ -174,18 +128,34 @@ class ModelManager:
             self._poller.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop watching and unload everything once in-flight requests finish."""
+        """Stop watching and release everything once in-flight requests finish."""
         self._stop.set()
         if self._poller is not None:
             self._poller.join(timeout)
+            self._poller = None
         with self._lock:
             served, self._served = self._served, {}
         for versions in served.values():
             for loaded in versions.values():
-                self._retire(loaded, wait=False)
+                self._retire(loaded)
+        self.derived.clear()
         for thread in list(self._retirees):
             thread.join(timeout)
         self.ready = False
+        self.started = False
+
+    def reconfigure(self, settings: RegistrySettings, force: bool = False) -> None:
+        """Serve with other settings (a service that owns them attached after one that did not):
+        everything loaded is released and loaded again. Without ``force``, same settings: no-op."""
+        if settings == self.settings and not force:
+            return
+        was_started = self.started
+        self.stop()
+        self.settings = settings
+        self._failed.clear()
+        self.derived = type(self.derived)(self)
+        if was_started:
+            self.start()
 
     def _poll(self) -> None:
         while not self._stop.wait(self.settings.poll_seconds):
@@ -194,7 +164,7 @@ class ModelManager:
             except Exception:
                 log.exception("model store poll failed; keeping the current models")
 
-    # -- lookups ----------------------------------------------------------------------------------
+    # -- lookups ------------------------------------------------------------------------------------
 
     def names(self) -> list[str]:
         with self._lock:
@@ -224,17 +194,24 @@ class ModelManager:
         raise NotFound(f"model {name!r} has no ready version ({failures})")
 
     def knows(self, name: str) -> bool:
-        """Whether the model is in the store as far as the manager has seen (for metric labels)."""
+        """Whether the model is in the store as far as the registry has seen (for metric labels)."""
         return name in self._served or name in self._status
 
     def acquire(self, name: str, version: int | None = None) -> LoadedVersion:
-        """A ready version counted as in use until ``release``; it is not unloaded meanwhile."""
-        for _ in range(3):
-            loaded = self.get(name, version)
-            if loaded.enter():
-                return loaded
-        # Only reachable when versions are swapped faster than a lookup, i.e. practically never.
-        raise Unavailable(f"model {name!r} is being reloaded; retry")
+        """A served version counted as in use until ``exit`` (or the end of a ``with``)."""
+        return checked_out(lambda: self.get(name, version), f"model {name!r}")
+
+    def acquire_pinned(self, name: str, version: int | None) -> LoadedVersion:
+        """Like ``acquire``, but a version outside the policy (a session made with it) is loaded on
+        demand, after the same validation. None or 0: the newest served version."""
+        if not version:
+            return self.acquire(name)
+        served = self._served.get(name, {})
+        if version in served:
+            return self.acquire(name, version)
+        if self._selected is not None and name not in self._selected:
+            raise NotFound(f"model {name!r} is unloaded (explicit model control)")
+        return self.derived.pinned_version(name, version)
 
     def predict(
         self,
@@ -245,14 +222,11 @@ class ModelManager:
         on_cancel: Callable[[Callable[[], None]], Any] | None = None,
     ) -> tuple[LoadedVersion, np.ndarray]:
         """Rates from the requested version (newest when None): the version used and float32 [N, K]."""
-        loaded = self.acquire(name, version)
-        try:
+        with self.acquire(name, version) as loaded:
             return loaded, loaded.predict(images, deadline, on_cancel)
-        finally:
-            loaded.exit()
 
     def status(self) -> dict[str, list[VersionInfo]]:
-        """Every known version of every model, oldest first."""
+        """Every known predictor version of every model, oldest first."""
         with self._lock:
             return {
                 name: [versions[v] for v in sorted(versions)]
@@ -260,7 +234,7 @@ class ModelManager:
                 if versions
             }
 
-    # -- reload -----------------------------------------------------------------------------------
+    # -- reload -------------------------------------------------------------------------------------
 
     def _set_status(self, name: str, version: int, state: VersionState, message: str = "") -> None:
         with self._lock:
@@ -301,6 +275,7 @@ class ModelManager:
                 self._selected = set(self.store.names(PREDICTORS))
             self._selected.discard(name)
             self._refresh_model(name, set())
+        self.derived.forget_model(name)
 
     def _refresh_model(self, name: str, on_disk: set[str]) -> None:
         try:
@@ -309,7 +284,7 @@ class ModelManager:
             log.warning("skipping model folder %r: %s", name, exc)
             versions = []
         folder = self.store.root / PREDICTORS / name
-        prints = {v: _fingerprint(folder / str(v)) for v in versions}
+        prints = {v: fingerprint(folder / str(v), PREDICTORS) for v in versions}
         # Forget failures of versions that are gone or whose files changed (those get another try).
         for key in [k for k in self._failed if k[0] == name]:
             if key[1] not in prints or prints[key[1]] != self._failed[key]:
@@ -350,14 +325,13 @@ class ModelManager:
                 )
         if new.keys() != current.keys():
             log.info("model %s: serving versions %s (was %s)", name, sorted(new), sorted(current))
-            if self.observer is not None:
-                self.observer.versions_changed(name, sorted(new))
+            self.notify("versions_changed", name, sorted(new))
         for loaded in leaving:
-            self._retire(loaded, wait=False)
+            self._retire(loaded, status=True)
         self._drop_stale_status(name, versions)
 
     def _drop_stale_status(self, name: str, versions: list[int]) -> None:
-        """Forget versions deleted from the store (a retiring one goes once it is unloaded)."""
+        """Forget versions deleted from the store (a retiring one goes once it is released)."""
         with self._lock:
             known = self._status.get(name, {})
             for version in [v for v, i in known.items() if v not in versions]:
@@ -366,52 +340,81 @@ class ModelManager:
             if not known:
                 self._status.pop(name, None)
 
-    def _load(self, model: ModelVersion) -> LoadedVersion | None:
-        """Validate, open and warm up one version; on failure log it, mark it FAILED, return None."""
-        self._set_status(model.name, model.version, VersionState.LOADING)
-        started = time.perf_counter()
+    def open_version(self, model: ModelVersion) -> LoadedVersion:
+        """Validate, open and warm up one predictor version; ModelStoreError (or another error) if refused."""
         session: PredictorSession | None = None
+        started = time.perf_counter()
         try:
+            record = verify_files(model)
             card = validate_predictor(model)
             session = PredictorSession(model.model_path, card, self.settings.session)
             session.warm_up((1,))
-        except Exception as exc:
+            validation = validate_predictor_outputs(model, card, record, session.run)
+        except BaseException:
             if session is not None:
                 session.close()
-            message = str(exc) if isinstance(exc, NeurotwinError) else f"{type(exc).__name__}: {exc}"
-            log.error("refusing %s: %s", model, message)
-            self._set_status(model.name, model.version, VersionState.FAILED, message)
-            if self.observer is not None:
-                self.observer.load_failed(model.name, model.version, message)
-            return None
-        batch_observer = self.observer.batch_observer(model.name, model.version) if self.observer else None
+            raise
         batcher = Batcher(
-            session.run, self.settings.batcher, batch_observer, name=f"model {model.name!r} v{model.version}"
+            session.run,
+            self.settings.batcher,
+            self._batch_observer(model.name, model.version),
+            name=f"model {model.name!r} v{model.version}",
         )
         log.info(
-            "loaded %s on %s in %.2f s (%d neurons, %d x %d input)",
+            "loaded %s on %s in %.2f s (%d neurons, %d x %d input; %s)",
             model,
             session.providers[0],
             time.perf_counter() - started,
             card.neuron_count,
             card.input.height,
             card.input.width,
+            validation,
         )
-        return LoadedVersion(model, card, session, batcher)
+        return LoadedVersion(model, card, session, batcher, validation=str(validation))
 
-    def _retire(self, loaded: LoadedVersion, wait: bool) -> None:
-        name, version = loaded.name, loaded.version
-        with self._lock:
-            info = self._status.setdefault(name, {}).get(version)
-            self._status[name][version] = (
-                replace(info, state=VersionState.UNLOADING, since=time.time())
-                if info
-                else VersionInfo(version, VersionState.UNLOADING)
-            )
+    def _load(self, model: ModelVersion) -> LoadedVersion | None:
+        """``open_version``; on failure log it, mark it FAILED, tell the observers, return None."""
+        self._set_status(model.name, model.version, VersionState.LOADING)
+        try:
+            return self.open_version(model)
+        except Exception as exc:
+            message = refusal_message(exc)
+            log.error("refusing %s: %s", model, message)
+            self._set_status(model.name, model.version, VersionState.FAILED, message)
+            self.notify("load_failed", model.name, model.version, message)
+            self.notify("refused", PREDICTORS, model.name, model.version, message)
+            return None
+
+    def _retire(self, loaded: RefCounted, status: bool = False) -> None:
+        """Release ``loaded`` in the background once its requests finish (UNLOADING meanwhile)."""
+        name, version = getattr(loaded, "name", ""), getattr(loaded, "version", 0)
+        if status:
+            with self._lock:
+                info = self._status.setdefault(name, {}).get(version)
+                self._status[name][version] = (
+                    replace(info, state=VersionState.UNLOADING, since=time.time())
+                    if info
+                    else VersionInfo(version, VersionState.UNLOADING)
+                )
+        if not isinstance(loaded, LoadedVersion):
+            # Twins and generators hold nothing but memory, which their users' references keep as
+            # long as needed: no new request gets them from now on, and there is nothing to wait for.
+            loaded.retire(0.0)
+            return
+        # Twins converted from this version go with it.
+        self.derived.forget_version(name, version)
 
         def unload() -> None:
             clean = loaded.retire(self.settings.unload_grace_seconds)
-            log.info("unloaded %s%s", loaded.model, "" if clean else " (grace period over)")
+            log.info(
+                "released %s %s v%s%s",
+                type(loaded).__name__,
+                name,
+                version,
+                "" if clean else " (grace period over)",
+            )
+            if not status:
+                return
             with self._lock:
                 known = self._status.get(name, {})
                 if known.get(version) is not None and known[version].state == VersionState.UNLOADING:
@@ -422,5 +425,7 @@ class ModelManager:
         thread = threading.Thread(target=unload, name=f"unload-{name}-{version}", daemon=True)
         self._retirees = [t for t in self._retirees if t.is_alive()] + [thread]
         thread.start()
-        if wait:
-            thread.join()
+
+
+def refusal_message(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, NeurotwinError) else f"{type(exc).__name__}: {exc}"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from neurotwin.client.closed_loop import ClosedLoopClient
-from neurotwin.engines.model_manager import ModelManager
+from neurotwin.engines.registry import ModelRegistry
 from neurotwin.server import closed_loop as closed_loop_service
 from neurotwin.server import predictor
 from neurotwin.server.common import GrpcServer
@@ -49,7 +49,7 @@ def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _serve_all(store_root: Path, tmp_path: Path, **server: object) -> tuple[GrpcServer, ModelManager]:
+def _serve_all(store_root: Path, tmp_path: Path, **server: object) -> tuple[GrpcServer, ModelRegistry]:
     """Predictor (+ KServe) and closed loop on one server, as ``neurotwin serve all`` runs them."""
     settings = ServerSettings(**{"port": 0, "metrics_port": -1, "grace_seconds": 1, **server})
     grpc_server = GrpcServer(settings)

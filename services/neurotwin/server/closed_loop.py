@@ -11,6 +11,7 @@ import logging
 import math
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from neurotwin.engines.closed_loop import (
     ToldResponse,
 )
 from neurotwin.engines.journal import DEFAULT_JOURNAL, open_journal
+from neurotwin.engines.registry import ModelRegistry
 from neurotwin.engines.session_limits import SessionLimits
 from neurotwin.errors import InvalidInput
 from neurotwin.server.common import LATENCY_BUCKETS, GrpcServer
@@ -94,7 +96,8 @@ FLAG_HELP = {
     "max_natural_images": "most natural reference images per session (default 10000)",
     "default_generator": "generator used when a session names none (default v4-dcgan)",
     "generator_device": "torch device for generators (default cpu)",
-    "twin_threads": "ONNX Runtime threads per guidance twin (0: automatic)",
+    "twin_threads": "ONNX Runtime threads per guidance twin (0: automatic); on a server the twins use the "
+    "shared model registry's sessions (the predictor flags)",
     "export_chunk_bytes": "ExportSession chunk size in bytes (default 1 MiB)",
     "compute_threads": "torch and BLAS threads for the whole process (0: the libraries' defaults)",
     "dashboard_refresh_seconds": "most often the /ui/ dashboard recomputes a running session (default 1 s)",
@@ -373,7 +376,9 @@ class ClosedLoopServicer(pb_grpc.ClosedLoopServicer):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def build_engine(settings: Settings) -> ClosedLoopEngine:
+def build_engine(settings: Settings, registry: ModelRegistry | None = None) -> ClosedLoopEngine:
+    """The engine over the configured journal; models from ``registry`` (a server's shared one), or
+    from a registry of its own when None."""
     from neurotwin.engines.journal import SqliteJournal
 
     journal_url = settings.journal
@@ -398,6 +403,7 @@ def build_engine(settings: Settings) -> ClosedLoopEngine:
             max_description_chars=settings.max_description_chars,
             max_natural_pixels=settings.max_natural_pixels,
         ),
+        registry=registry,
     )
 
 
@@ -413,7 +419,13 @@ def limit_threads(count: int) -> None:
 def attach(server: GrpcServer, settings: Settings) -> ClosedLoopEngine:
     if settings.compute_threads > 0:
         limit_threads(settings.compute_threads)
-    engine = build_engine(settings)
+    from neurotwin.server.models import shared_registry
+
+    engine = build_engine(settings, shared_registry(server, settings.model_store))
+    # pycma takes seconds to import (longer on a busy machine); not in the first CreateSession.
+    from neurotwin.engines.optimizers import preload
+
+    threading.Thread(target=preload, name="import-cma", daemon=True).start()
     metrics = ClosedLoopMetrics(server, engine)
     servicer = ClosedLoopServicer(engine, metrics, settings.export_chunk_bytes)
 

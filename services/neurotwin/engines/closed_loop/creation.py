@@ -22,7 +22,6 @@ from neurotwin.engines.session_limits import (
 )
 from neurotwin.engines.session_metadata import RecordingMetadata
 from neurotwin.errors import InvalidInput
-from neurotwin.store import GENERATORS, PREDICTORS
 
 
 def resolve_session(
@@ -48,8 +47,7 @@ def resolve_session(
     check_optimizer_options(checked.options)
     population, targets = checked.population, checked.targets
     generator_name = req.generator or default_generator
-    generator_version = models.store.resolve(GENERATORS, generator_name, req.generator_version)
-    generator = models.generator(generator_name, generator_version.version)
+    generator_version, generator = models.checkout_generator(generator_name, req.generator_version)
     image_size = req.image_size or int(generator.resolution)
     if image_size < 8:
         raise InvalidInput(f"image_size {image_size}: at least 8 pixels")
@@ -57,8 +55,7 @@ def resolve_session(
     twin_name, twin_version, twin_neurons = "", 0, []
     factor = req.candidates_per_presentation
     if req.twin:
-        resolved = models.store.resolve(PREDICTORS, req.twin, req.twin_version)
-        twin = models.twin(req.twin, resolved.version)
+        twin = models.twin(req.twin, req.twin_version)
         twin_name, twin_version = req.twin, twin.version.version
         twin_neurons = map_twin_neurons(
             req, targets, twin.card.name, list(twin.card.neuron_ids), twin.neurons
@@ -93,7 +90,7 @@ def resolve_session(
     config = SessionConfig(
         session_id=session_id,
         generator=generator_name,
-        generator_version=generator_version.version,
+        generator_version=generator_version,
         latent_dim=int(generator.latent_dim),
         generator_resolution=int(generator.resolution),
         neuron_count=checked.neuron_count,

@@ -57,6 +57,7 @@ from neurotwin.engines.journal import (
     ResponseRecord,
     SessionRecord,
 )
+from neurotwin.engines.registry import ModelRegistry, RegistrySettings
 from neurotwin.engines.session_limits import SessionLimits
 from neurotwin.errors import (
     ConcurrentModification,
@@ -67,6 +68,7 @@ from neurotwin.errors import (
     ResourceExhausted,
 )
 from neurotwin.imagecodec import decode_image
+from neurotwin.runtimes.onnx_session import SessionSettings
 from neurotwin.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,7 @@ class ClosedLoopEngine:
         device: str = "cpu",
         twin_threads: int = 0,
         limits: SessionLimits | None = None,
+        registry: ModelRegistry | None = None,
     ) -> None:
         self.store = store
         self.journal = journal
@@ -99,7 +102,18 @@ class ClosedLoopEngine:
         self.default_generator = default_generator
         self.device = device
         self.twin_threads = twin_threads
-        self.models = SessionModels(store, device, twin_threads)
+        # A server passes its shared registry; on our own (tests, tools) one that follows no policy
+        # changes (no polling) and runs twins on the CPU, released at shutdown.
+        own = registry is None
+        if registry is None:
+            registry = ModelRegistry(
+                store.root,
+                RegistrySettings(
+                    poll_seconds=0, session=SessionSettings(device="cpu", intra_op_threads=twin_threads)
+                ),
+            )
+        registry.start()
+        self.models = SessionModels(registry, device, own_registry=own)
         self._lock = threading.Lock()
         # Striped rather than one lock per id, so ids a client invents cannot grow a dict forever.
         self._session_locks = [threading.Lock() for _ in range(LOCK_STRIPES)]

@@ -7,7 +7,7 @@ outputs) to the measured objective, once its leave-one-out correlation beats the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,7 +15,9 @@ from neurotwin.engines.closed_loop.settings import SessionConfig
 from neurotwin.engines.objectives import objective_scores
 from neurotwin.imagecodec import resize_batch
 from neurotwin.stats import pearson
-from neurotwin.store import PREDICTORS, ModelStore
+
+if TYPE_CHECKING:
+    from neurotwin.engines.registry import ModelRegistry
 
 # Ridge penalties tried for the refit readout (features are z-scored, so these are on a fixed scale).
 READOUT_ALPHAS = tuple(float(a) for a in np.logspace(-1, 6, 15))
@@ -72,17 +74,15 @@ def fit_readout(features: np.ndarray, targets: np.ndarray) -> Readout | None:
 
 
 class Twin:
-    """A predictor from the store, run with ONNX Runtime on uint8 images of any size."""
+    """A validated predictor version from the model registry, run with ONNX Runtime on uint8 images of
+    any size. Each ``predict`` checks the version out for the call only, so a version the registry
+    retires is released once the call ends, and a later call gets it again on demand."""
 
-    def __init__(self, store: ModelStore, name: str, version: int, threads: int = 0) -> None:
-        from neurotwin.runtimes.onnx_session import PredictorSession, SessionSettings
-        from neurotwin.store import validate_predictor
-
-        self.version = store.resolve(PREDICTORS, name, version)
-        self.card = validate_predictor(self.version)
-        self.session = PredictorSession(
-            self.version.model_path, self.card, SessionSettings(device="cpu", intra_op_threads=threads)
-        )
+    def __init__(self, registry: ModelRegistry, name: str, version: int | None) -> None:
+        self.registry = registry
+        with registry.acquire_pinned(name, version or None) as loaded:
+            self.version = loaded.model
+            self.card = loaded.card
 
     @property
     def neurons(self) -> int:
@@ -90,7 +90,8 @@ class Twin:
 
     def predict(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
         images = resize_batch(images, self.card.input.height, self.card.input.width)
-        parts = [self.session.run(images[i : i + batch]) for i in range(0, len(images), batch)]
+        with self.registry.acquire_pinned(self.version.name, self.version.version) as loaded:
+            parts = [loaded.session.run(images[i : i + batch]) for i in range(0, len(images), batch)]
         return np.concatenate(parts, axis=0).astype(np.float32)
 
 

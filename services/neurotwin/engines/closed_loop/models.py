@@ -1,4 +1,10 @@
-"""The generators and twins closed-loop sessions use, loaded once per (name, version) and shared."""
+"""The generators and twins closed-loop sessions use, from the model registry.
+
+Every version a session gets has passed the registry's validation (checksums, finite and matching
+reference outputs), and "newest" means the newest version that passed, the same one Predict serves.
+A session journals the versions it was created with and keeps them for its whole life: a version the
+policy no longer serves is loaded on demand for it (validated the same way).
+"""
 
 from __future__ import annotations
 
@@ -6,46 +12,38 @@ import threading
 from typing import Any
 
 from neurotwin.engines.closed_loop.guidance import Twin
-from neurotwin.store import GENERATORS, ModelStore
+from neurotwin.engines.registry import ModelRegistry
 
 
 class SessionModels:
-    """Thread-safe caches of loaded generators (torch, on ``device``) and twins (ONNX Runtime, CPU)."""
+    """Generators (torch, on ``device``) and twins (the registry's ONNX Runtime sessions)."""
 
-    def __init__(self, store: ModelStore, device: str = "cpu", twin_threads: int = 0) -> None:
-        self.store = store
+    def __init__(self, registry: ModelRegistry, device: str = "cpu", own_registry: bool = False) -> None:
+        self.registry = registry
+        self.store = registry.store
         self.device = device
-        self.twin_threads = twin_threads
+        self._own_registry = own_registry
         self._lock = threading.Lock()
-        self._generators: dict[tuple[str, int], Any] = {}
         self._twins: dict[tuple[str, int], Twin] = {}
 
+    def checkout_generator(self, name: str, version: int | None) -> tuple[int, Any]:
+        """The version (newest validated when None or 0) and its module. Generators hold no resource
+        but memory, which the sessions using the module keep alive; the handle is not held."""
+        with self.registry.derived.generator(name, version or None, self.device) as loaded:
+            return loaded.version, loaded.module
+
     def generator(self, name: str, version: int) -> Any:
-        key = (name, version)
-        with self._lock:
-            cached = self._generators.get(key)
-        if cached is not None:
-            return cached
-        from neurotwin.runtimes.generators import load_generator
+        return self.checkout_generator(name, version)[1]
 
-        module = load_generator(self.store.resolve(GENERATORS, name, version), self.device)
-        with self._lock:
-            return self._generators.setdefault(key, module)
-
-    def twin(self, name: str, version: int) -> Twin:
-        key = (name, version)
-        with self._lock:
-            cached = self._twins.get(key)
-        if cached is not None:
-            return cached
-        twin = Twin(self.store, name, version, self.twin_threads)
+    def twin(self, name: str, version: int | None) -> Twin:
+        """The twin of ``version`` (the newest validated one when None or 0)."""
+        twin = Twin(self.registry, name, version)
+        key = (name, twin.version.version)
         with self._lock:
             return self._twins.setdefault(key, twin)
 
     def close(self) -> None:
         with self._lock:
-            twins = list(self._twins.values())
             self._twins.clear()
-            self._generators.clear()
-        for twin in twins:
-            twin.session.close()
+        if self._own_registry:
+            self.registry.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,33 +31,39 @@ def nan_predictor(
     )
 
 
-def copy_version(store_root: str | Path, source: ModelVersion) -> ModelVersion:
-    """``source`` copied, records included, as the next version (staged, then renamed into place)."""
+def copy_version(
+    store_root: str | Path, source: ModelVersion, change: Callable[[Path], None] | None = None
+) -> ModelVersion:
+    """``source`` copied, records included, as the next version; ``change(folder)`` alters the copy
+    before it is renamed into place (a watching server never sees it unchanged)."""
     store = ModelStore(store_root)
     with store.new_version(PREDICTORS, source.name) as folder:
         for path in source.path.iterdir():
             shutil.copy(path, folder / path.name)
+        if change is not None:
+            change(folder)
     return store.resolve(PREDICTORS, source.name)
 
 
-def flip_weight_bytes(version: ModelVersion, count: int = 4096) -> None:
-    """Invert ``count`` bytes inside the largest weight tensor of ``model.onnx`` (the file still parses)."""
+def flip_weight_bytes(folder: Path, count: int = 4096) -> None:
+    """Invert ``count`` bytes inside the largest weight tensor of ``folder/model.onnx`` (it still parses)."""
     import onnx
 
-    data = bytearray(version.model_path.read_bytes())
+    model_path = folder / "model.onnx"
+    data = bytearray(model_path.read_bytes())
     model = onnx.load_from_string(bytes(data))
     largest = max(model.graph.initializer, key=lambda t: len(t.raw_data))
     start = data.find(largest.raw_data)
     assert start >= 0
     count = min(count, len(largest.raw_data))
     data[start : start + count] = bytes(b ^ 0xFF for b in data[start : start + count])
-    version.model_path.write_bytes(bytes(data))
+    model_path.write_bytes(bytes(data))
 
 
-def reseal_with_reference_of(version: ModelVersion, other: ModelVersion) -> None:
-    """Give ``version`` the reference outputs of ``other`` and checksums that match its own files, so
-    only the outputs can tell that it is not the model the reference was recorded for."""
-    shutil.copy(other.path / REFERENCE_FILE, version.path / REFERENCE_FILE)
+def reseal_with_reference_of(folder: Path, other: ModelVersion) -> None:
+    """Give the version in ``folder`` the reference outputs of ``other`` and checksums that match its
+    own files, so only the outputs can tell that it is not the model the reference was recorded for."""
+    shutil.copy(other.path / REFERENCE_FILE, folder / REFERENCE_FILE)
     record = json.loads((other.path / INTEGRITY_FILE).read_text())
-    record["files"] = {n: file_sha256(version.path / n) for n in ("model.onnx", "card.json", REFERENCE_FILE)}
-    (version.path / INTEGRITY_FILE).write_text(json.dumps(record))
+    record["files"] = {n: file_sha256(folder / n) for n in ("model.onnx", "card.json", REFERENCE_FILE)}
+    (folder / INTEGRITY_FILE).write_text(json.dumps(record))

@@ -97,24 +97,27 @@ def test_refused_versions_leave_the_last_good_one_serving(tmp_path: Path) -> Non
         thread.start()
         try:
             with PredictorClient(f"127.0.0.1:{server.port}") as client:
-                wait_until(lambda: len(served) > 3, what="first predictions")
+                wait_until(lambda: len(served) > 3, timeout=60, what="first predictions")
                 # All-NaN outputs, no record yet: refused on its first load, nothing recorded.
                 nan = nan_predictor(tmp_path)
-                wait_until(lambda: _states(client).get(2) == "FAILED", what="NaN version refused")
+                wait_until(lambda: _states(client).get(2) == "FAILED", timeout=60, what="NaN version refused")
                 assert "NaN or infinite" in _message(client, 2)
                 assert not (nan.path / INTEGRITY_FILE).exists()
                 # The good version copied with its records, then 4 KB of its weights flipped.
-                flipped = copy_version(tmp_path, good)
-                flip_weight_bytes(flipped)
-                wait_until(lambda: _states(client).get(3) == "FAILED", what="flipped version refused")
+                copy_version(tmp_path, good, flip_weight_bytes)
+                wait_until(
+                    lambda: _states(client).get(3) == "FAILED", timeout=60, what="flipped version refused"
+                )
                 assert "checksum mismatch" in _message(client, 3) and "model.onnx" in _message(client, 3)
                 # Other weights behind checksums that match: only the reference outputs tell.
-                other = make_predictor(tmp_path, seed=1)
-                reseal_with_reference_of(other, good)
-                wait_until(lambda: _states(client).get(4) == "FAILED", what="changed version refused")
+                other = make_predictor(tmp_path / "elsewhere", seed=1)
+                copy_version(tmp_path, other, lambda folder: reseal_with_reference_of(folder, good))
+                wait_until(
+                    lambda: _states(client).get(4) == "FAILED", timeout=60, what="changed version refused"
+                )
                 assert "differ from the reference outputs" in _message(client, 4)
                 count = len(served)
-                wait_until(lambda: len(served) > count + 3, what="traffic after the refusals")
+                wait_until(lambda: len(served) > count + 3, timeout=60, what="traffic after the refusals")
                 assert _states(client) == {1: "READY", 2: "FAILED", 3: "FAILED", 4: "FAILED"}
                 assert client.get_model("tiny").version == 1
                 for version in (2, 3, 4):
@@ -148,7 +151,9 @@ def test_handle_keeps_a_retired_version_until_the_request_ends(tmp_path: Path) -
             with pytest.raises(NotFound):
                 registry.acquire("tiny", 1)
             assert held.session._session is not None
-        wait_until(lambda: [i.version for i in registry.status()["tiny"]] == [2], what="v1 released")
+        wait_until(
+            lambda: [i.version for i in registry.status()["tiny"]] == [2], timeout=60, what="v1 released"
+        )
         assert held.session._session is None
     finally:
         registry.stop()
@@ -168,7 +173,7 @@ def test_a_pinned_version_outside_the_policy_is_validated_on_demand(tmp_path: Pa
             )
         # A pinned version whose weights changed after it was recorded is refused like a served one.
         registry.stop()
-        flip_weight_bytes(v1)
+        flip_weight_bytes(v1.path)
         registry = ModelRegistry(tmp_path, RegistrySettings(poll_seconds=0))
         registry.start()
         with pytest.raises(ModelStoreError, match="checksum mismatch"):

@@ -91,13 +91,13 @@ def test_refused_versions_are_refused_for_every_service(tmp_path: Path, server: 
         early = _guided_session(loop)
         _ask_and_tell(loop, early)
         nan_predictor(store)
-        flipped = copy_version(store, good)
-        flip_weight_bytes(flipped)
+        copy_version(store, good, flip_weight_bytes)
         wait_until(
             lambda: (
                 {v.version: v.state for v in client.get_model("tiny").status.versions}
                 == {1: "READY", 2: "FAILED", 3: "FAILED"}
             ),
+            timeout=60,
             what="both bad versions refused",
         )
         result = client.predict(images, "tiny")
@@ -111,7 +111,7 @@ def test_refused_versions_are_refused_for_every_service(tmp_path: Path, server: 
             _ask_and_tell(loop, session_id)
         # A good version 4 takes over for new work; the sessions keep the version they were made with.
         make_predictor(store, seed=1)
-        wait_until(lambda: client.predict(images, "tiny").version == 4, what="version 4 serving")
+        wait_until(lambda: client.predict(images, "tiny").version == 4, timeout=60, what="version 4 serving")
         assert _synthesize(address) == (4, 1)
         assert loop.get_session(_guided_session(loop)).settings.guidance.twin.version == 4
         _ask_and_tell(loop, early)

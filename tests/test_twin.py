@@ -20,9 +20,9 @@ from neurotwin.training.evaluate import (
     summarize,
 )
 from neurotwin.training.fit import FitConfig, SessionData, fit_predict, fit_twin, fit_twins
+from neurotwin.training.readouts.gaussian import GaussianReadout
 from neurotwin.training.report import write_report
 from neurotwin.training.twin import (
-    GaussianReadout,
     SessionSpec,
     TwinConfig,
     build_twins,

@@ -24,6 +24,7 @@ HELP = "train a digital twin on a recording and add it to the model store"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from neurotwin.training.fit import FitConfig
+    from neurotwin.training.parts import core_names, readout_names
     from neurotwin.training.twin import TwinConfig
 
     model, fit = TwinConfig(), FitConfig()
@@ -72,14 +73,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="<store>/predictors/NAME, or just NAME (in --model-store): where the new version goes",
     )
     add_model_store(parser, "store root when --out is a bare name")
-    parser.add_argument("--core", choices=("efficientnet", "conv"), default=model.core)
+    parser.add_argument("--core", choices=core_names(), default=model.core)
     parser.add_argument(
         "--core-kernel", type=int, default=model.core_kernel, help="kernel of the learned core's later layers"
     )
     parser.add_argument(
         "--stages", default=",".join(str(s) for s in model.stages), help="EfficientNet blocks to read (0-15)"
     )
-    parser.add_argument("--readout", choices=("factorized", "gaussian"), default=model.readout)
+    parser.add_argument("--readout", choices=readout_names(), default=model.readout)
     parser.add_argument("--hidden", type=int, default=model.hidden, help="channels of the learned core")
     parser.add_argument(
         "--core-layers", type=int, default=model.core_layers, help="layers of the learned core"

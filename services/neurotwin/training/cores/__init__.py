@@ -1,0 +1,1 @@
+"""Twin cores, one kind per module (each registers itself with ``neurotwin.training.parts``)."""

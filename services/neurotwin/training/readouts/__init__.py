@@ -1,0 +1,1 @@
+"""Twin readouts, one kind per module (each registers itself with ``neurotwin.training.parts``)."""

@@ -14,7 +14,8 @@ Usage (from the repository root; reads ``../shared/data/cowley_v4``)::
 
 Variants: ``base`` (the defaults, one member), ``sameK`` (K members, one split, own seeds: the old
 ``--ensemble K``), ``foldsK`` (K members, each its own validation slice), ``px160`` (input resized to
-160 px), ``stages3-10`` (EfficientNet blocks 3,5,7,10), ``hidden192``, ``gaussian`` (Gaussian readout).
+160 px), ``stages3-10`` (EfficientNet blocks 3,5,7,10), ``hidden192``, ``gaussian`` (Gaussian readout);
+``a+b`` combines two (``folds3+px160``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cowley_v4"
-DEFAULT_RESULTS = REPO / "runs" / "twin_levers.json"
+DEFAULT_RESULTS = REPO / "bench" / "twin_levers_results.json"
 
 from neurotwin.training.datasets import list_sessions, load_recording, split_indices  # noqa: E402
 from neurotwin.training.ensemble import fit_cv_ensemble  # noqa: E402
@@ -51,15 +52,19 @@ FIXED = {
 
 
 def variant_settings(name: str) -> tuple[dict[str, Any], str]:
-    """(TwinConfig overrides, member split) of a variant name."""
-    if name == "base":
-        return {}, "same"
-    match = re.fullmatch(r"(same|folds)(\d+)", name)
-    if match:
-        return {"ensemble": int(match.group(2))}, match.group(1)
-    if name in FIXED:
-        return dict(FIXED[name]), "same"
-    raise SystemExit(f"unknown variant {name!r}")
+    """(TwinConfig overrides, member split) of a variant name; ``a+b`` combines two."""
+    overrides: dict[str, Any] = {}
+    member_split = "same"
+    for part in name.split("+"):
+        match = re.fullmatch(r"(same|folds)(\d+)", part)
+        if match:
+            overrides["ensemble"] = int(match.group(2))
+            member_split = match.group(1)
+        elif part in FIXED:
+            overrides.update(FIXED[part])
+        elif part != "base":
+            raise SystemExit(f"unknown variant {part!r}")
+    return overrides, member_split
 
 
 def run_variant(

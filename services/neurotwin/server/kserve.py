@@ -21,8 +21,8 @@ from neurotwin.errors import InvalidInput
 from neurotwin.kserve import grpc_service_pb2 as pb
 from neurotwin.kserve import grpc_service_pb2_grpc as pb_grpc
 from neurotwin.kserve import model_config_pb2 as config_pb
+from neurotwin.server.calls import ALL_MODELS, CallMetrics, CancelSlot, PredictorMetrics
 from neurotwin.server.common import GrpcServer, deadline_from
-from neurotwin.server.predictor import ALL_MODELS, CallMetrics, PredictorMetrics, _CancelSlot
 from neurotwin.server.statuses import report
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelStreamInfer(
         self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ModelStreamInferResponse]:
-        slot = _CancelSlot(context)
+        slot = CancelSlot(context)
         deadline = deadline_from(context)
         # One response per request, in arrival order; a failed request answers with its error and
         # the stream goes on, as in Triton.

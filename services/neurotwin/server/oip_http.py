@@ -24,9 +24,9 @@ from starlette.routing import Route
 from neurotwin.engines.inference import InferenceDataPlane, InferRequest, InferResponse
 from neurotwin.engines.oip_tensors import InputTensor, check_shape
 from neurotwin.errors import InvalidInput
+from neurotwin.server.calls import ALL_MODELS, CallMetrics, PredictorMetrics
 from neurotwin.server.common import GrpcServer
 from neurotwin.server.http import HttpServer, error_response, read_body
-from neurotwin.server.predictor import ALL_MODELS, CallMetrics, PredictorMetrics
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MODEL = "/v2/models/{model}"

@@ -47,7 +47,7 @@ class BrowserError(RuntimeError):
 class HeadlessChromium:
     """One headless browser with one page, attached in flat session mode."""
 
-    def __init__(self, binary: str, width: int = 1280, height: int = 1000, timeout: float = 30.0) -> None:
+    def __init__(self, binary: str, width: int = 1280, height: int = 1000, timeout: float = 60.0) -> None:
         self.timeout = timeout
         self._profile = tempfile.mkdtemp(prefix="neurotwin-chromium-")
         # Our ends: we write commands to `to_browser`, read replies from `from_browser`.
@@ -193,7 +193,7 @@ class HeadlessChromium:
             raise BrowserError(f"script failed: {text}")
         return result["result"].get("value")
 
-    def wait_for(self, expression: str, timeout: float = 20.0, what: str = "") -> Any:
+    def wait_for(self, expression: str, timeout: float = 45.0, what: str = "") -> Any:
         """Poll a JavaScript expression until it is truthy; returns its value."""
         deadline = time.monotonic() + timeout
         while True:

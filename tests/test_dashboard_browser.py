@@ -155,7 +155,7 @@ def test_dashboard_in_chromium(
         revision = int(browser.evaluate("document.body.dataset.revision"))
         for _ in range(2):
             tell_generation(served.client, sid, seed=10)
-        browser.wait_for("document.body.dataset.generations === '5'", timeout=20, what="two more generations")
+        browser.wait_for("document.body.dataset.generations === '5'", timeout=45, what="two more generations")
         assert int(browser.evaluate("document.body.dataset.revision")) > revision
         assert browser.evaluate("document.getElementById('last-title').textContent").startswith(
             "Last told generation (4)"

@@ -292,6 +292,11 @@
   }
 
   async function poll() {
+    if (document.hidden) {
+      // A tab in the background costs the server (and the rig sharing it) nothing.
+      window.setTimeout(poll, POLL_MS);
+      return;
+    }
     try {
       const list = await getJSON("api/sessions");
       renderSessions(list.sessions);

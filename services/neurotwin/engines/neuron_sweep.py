@@ -31,6 +31,7 @@ from neurotwin.engines.synthesis import (
     SynthesisResult,
     SynthesisScheduler,
 )
+from neurotwin.engines.transfer_defaults import TransferDefaults
 from neurotwin.errors import InvalidInput, NeurotwinError
 from neurotwin.imagecodec import encode_png
 
@@ -83,7 +84,7 @@ def neuron_request(pair: ModelPair, spec: SweepSpec, neuron: int) -> SynthesisRe
             bounds=None if low is None and high is None else (low, high),
             transforms=True,
         )
-    return SynthesisRequest(
+    request = SynthesisRequest(
         objective=objective,
         method=spec.method,
         budget=spec.budget,
@@ -92,6 +93,8 @@ def neuron_request(pair: ModelPair, spec: SweepSpec, neuron: int) -> SynthesisRe
         gradient=gradient,
         name=f"{spec.model}:{spec.model_version} neuron {neuron}",
     )
+    # The service's transfer defaults (screened starts, clip, blur, ensemble members' agreement) too.
+    return TransferDefaults().apply(pair, request, int(getattr(pair.twin, "member_count", 1)))
 
 
 @dataclass

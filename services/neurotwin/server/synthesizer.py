@@ -121,12 +121,12 @@ class Settings:
     # What makes stimuli hold up on independent twins (engines/transfer_defaults.py; measured by
     # bench/transfer.py, BENCHMARKS.md): starting codes screened on the twin, a code-norm clip and blur
     # during gradient ascent, and agreement of an ensemble twin's members.
-    init_candidates: int = 0
-    gradient_clip_norm: float = 0.0
-    gradient_blur: float = 0.0
-    twin_members: str = "softmin"
-    member_temperature: float = 0.1
-    member_disagreement: float = 0.0
+    init_candidates: int = TransferDefaults.init_candidates
+    gradient_clip_norm: float = TransferDefaults.clip_norm
+    gradient_blur: float = TransferDefaults.blur
+    twin_members: str = TransferDefaults.members
+    member_temperature: float = TransferDefaults.member_temperature
+    member_disagreement: float = TransferDefaults.member_disagreement
     # bfloat16 autocast on CUDA.
     amp: bool = False
     # Twin/generator pairs kept loaded (least recently used ones are dropped first).

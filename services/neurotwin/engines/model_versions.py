@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neurotwin.errors import NeurotwinError
 from neurotwin.integrity import INTEGRITY_FILE, REFERENCE_FILE
 from neurotwin.store import CARD_FILE, MODEL_FILES
 
@@ -38,3 +39,8 @@ def fingerprint(path: Path, kind: str) -> tuple[Any, ...]:
         except OSError:
             parts.append(None)
     return tuple(parts)
+
+
+def refusal_message(exc: BaseException) -> str:
+    """Why a version was refused, as its status says: our own errors' message, else the exception."""
+    return str(exc) if isinstance(exc, NeurotwinError) else f"{type(exc).__name__}: {exc}"

@@ -30,8 +30,8 @@ from neurotwin.engines.batcher import Batcher, BatcherSettings, BatchObserver
 from neurotwin.engines.model_handles import LoadedVersion, RefCounted, checked_out
 from neurotwin.engines.model_validation import validate_predictor as validate_predictor_outputs
 from neurotwin.engines.model_validation import verify_files
-from neurotwin.engines.model_versions import VersionInfo, VersionState, fingerprint
-from neurotwin.errors import ModelStoreError, NeurotwinError, NotFound, Unavailable
+from neurotwin.engines.model_versions import VersionInfo, VersionState, fingerprint, refusal_message
+from neurotwin.errors import ModelStoreError, NotFound, Unavailable
 from neurotwin.runtimes.onnx_session import PredictorSession, SessionSettings
 from neurotwin.store import PREDICTORS, ModelStore, ModelVersion, VersionPolicy, validate_predictor
 
@@ -425,7 +425,3 @@ class ModelRegistry:
         thread = threading.Thread(target=unload, name=f"unload-{name}-{version}", daemon=True)
         self._retirees = [t for t in self._retirees if t.is_alive()] + [thread]
         thread.start()
-
-
-def refusal_message(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, NeurotwinError) else f"{type(exc).__name__}: {exc}"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from neurotwin.engines.model_cache import ModelCache
 from neurotwin.engines.model_handles import LoadedGenerator, LoadedTwin, LoadedVersion
 from neurotwin.engines.model_validation import validate_generator, verify_files
-from neurotwin.engines.model_versions import VersionInfo, VersionState, fingerprint
+from neurotwin.engines.model_versions import VersionInfo, VersionState, fingerprint, refusal_message
 from neurotwin.errors import ModelStoreError, NotFound
 from neurotwin.store import GENERATORS, PREDICTORS, ModelVersion
 
@@ -39,8 +39,6 @@ class DerivedModels:
         self._generator_status: dict[str, dict[int, VersionInfo]] = {}
 
     def _refused(self, kind: str, model: ModelVersion, exc: BaseException) -> ModelStoreError:
-        from neurotwin.engines.registry import refusal_message
-
         message = refusal_message(exc)
         log.error("refusing %s: %s", model, message)
         self.registry.notify("refused", kind, model.name, model.version, message)

@@ -19,13 +19,14 @@ takes float64 numpy rates, and :func:`response_objective` builds a closed-loop s
 (``"mean"`` or ``"contrast"``) from its target neurons. torch is imported only where a term needs it,
 so reading journaled sessions (exports, reports) does not load it.
 
-Modules: ``algebra`` (base class, sums, multiples), ``terms`` (the leaf objectives), ``specs`` (plain
-data) and ``responses`` (measured responses, numpy).
+Modules: ``algebra`` (base class, sums, multiples), ``terms`` (the leaf objectives), ``spec_data``
+and ``specs`` (plain data, building objectives from it) and ``responses`` (measured responses, numpy).
 """
 
 from neurotwin.engines.objectives.algebra import Objective, Scaled, Sum
 from neurotwin.engines.objectives.responses import RESPONSE_OBJECTIVES, objective_scores, response_objective
-from neurotwin.engines.objectives.specs import KINDS, ObjectiveSpec, build_objective, resolve_neurons
+from neurotwin.engines.objectives.spec_data import ObjectiveSpec
+from neurotwin.engines.objectives.specs import KINDS, build_objective, resolve_neurons
 from neurotwin.engines.objectives.terms import (
     AGGREGATES,
     DIVERSITY_SPACES,

@@ -12,7 +12,7 @@ from neurotwin.errors import InvalidInput
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from neurotwin.engines.objectives.specs import ObjectiveSpec
+    from neurotwin.engines.objectives.spec_data import ObjectiveSpec
 
 
 class Objective:
@@ -67,10 +67,34 @@ class Objective:
         return [(1.0, self)]
 
     def to_spec(self) -> ObjectiveSpec:
-        """Plain-data description; only combinations :func:`build_objective` can express have one."""
-        from neurotwin.engines.objectives.specs import spec_from_terms
+        """Plain-data description; only combinations :func:`build_objective` can express have one:
+        one base term (a neuron, a population or one-hot, optionally read through an agreement of
+        ensemble members) plus at most one non-negative multiple of a term that adds to a spec
+        (diversity)."""
+        terms = self.terms()
+        main = [(w, t) for w, t in terms if not t.adds_to_spec]
+        extra = [(w, t) for w, t in terms if t.adds_to_spec]
+        if len(main) != 1 or main[0][0] != 1.0 or len(extra) > 1 or (extra and extra[0][0] < 0):
+            raise InvalidInput("objective has no plain-data form (one base term plus a diversity weight)")
+        spec = main[0][1].base_spec()
+        for weight, term in extra:
+            term.add_to_spec(spec, weight)
+        return spec
 
-        return spec_from_terms(self.terms())
+    # -- plain-data hooks (leaf terms override) --------------------------------------------------------
+
+    @property
+    def adds_to_spec(self) -> bool:
+        """True for terms a spec carries as a weight beside its base term (diversity)."""
+        return False
+
+    def base_spec(self) -> ObjectiveSpec:
+        """The spec of this term as the base term of an objective."""
+        raise InvalidInput(f"{self!r} has no plain-data form")
+
+    def add_to_spec(self, spec: ObjectiveSpec, weight: float) -> None:
+        """Record ``weight`` times this term in ``spec`` (only for terms that ``adds_to_spec``)."""
+        raise InvalidInput(f"{self!r} has no plain-data form")
 
     # -- algebra --------------------------------------------------------------------------------------
 

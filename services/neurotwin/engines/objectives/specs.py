@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from neurotwin.errors import InvalidInput
@@ -13,6 +12,7 @@ if TYPE_CHECKING:
     pass
 
 from neurotwin.engines.objectives.algebra import Objective
+from neurotwin.engines.objectives.spec_data import ObjectiveSpec
 from neurotwin.engines.objectives.terms import (
     AGGREGATES,
     Agreement,
@@ -23,48 +23,6 @@ from neurotwin.engines.objectives.terms import (
 )
 
 KINDS = ("neuron", "population", "one_hot")
-
-
-@dataclass
-class ObjectiveSpec:
-    """What a request says about its objective.
-
-    - ``kind="neuron"``: ``neurons=[k]``;
-    - ``kind="population"``: ``neurons`` weighted by ``weights`` (default: their mean);
-    - ``kind="one_hot"``: ``neurons[0]`` is the target, ``population`` the neurons it competes with
-      (default: all of the twin's), compared at ``temperature``.
-
-    ``diversity`` > 0 adds that multiple of :class:`Diversity` (``diversity_on``). Neurons are indices
-    or neuron ids from the twin's card. ``members`` says how a twin ensemble's members are combined
-    (:class:`Agreement`: ``mean``, ``softmin`` at ``member_temperature``, ``min``) and ``disagreement``
-    weighs the penalty on their spread; ``members="mean"`` with no penalty is the plain objective on the
-    ensemble mean, and on a single twin every setting is the plain objective.
-    """
-
-    kind: str = "neuron"
-    neurons: list[int | str] = field(default_factory=list)
-    weights: list[float] | None = None
-    population: list[int | str] | None = None
-    temperature: float = 1.0
-    log: bool = False
-    diversity: float = 0.0
-    diversity_on: str = "images"
-    members: str = "mean"
-    member_temperature: float = 1.0
-    disagreement: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ObjectiveSpec:
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InvalidInput(f"objective: unknown fields {sorted(unknown)}")
-        values = dict(data)
-        if "neurons" in values and isinstance(values["neurons"], (int, str)):
-            values["neurons"] = [values["neurons"]]
-        return cls(**values)
 
 
 def resolve_neurons(
@@ -129,37 +87,3 @@ def build_objective(spec: ObjectiveSpec | Mapping[str, Any], neuron_ids: Sequenc
     if weight > 0:
         return base + weight * Diversity(spec.diversity_on)
     return base
-
-
-def spec_from_terms(terms: list[tuple[float, Objective]]) -> ObjectiveSpec:
-    main = [(w, t) for w, t in terms if not isinstance(t, Diversity)]
-    extra = [(w, t) for w, t in terms if isinstance(t, Diversity)]
-    if len(main) != 1 or main[0][0] != 1.0 or len(extra) > 1 or (extra and extra[0][0] < 0):
-        raise InvalidInput("objective has no plain-data form (one base term plus a diversity weight)")
-    _, base = main[0]
-    members: Agreement | None = None
-    if isinstance(base, Agreement):
-        members, base = base, base.inner
-    spec: ObjectiveSpec
-    if isinstance(base, Neuron):
-        spec = ObjectiveSpec("neuron", [base.index])
-    elif isinstance(base, Population):
-        spec = ObjectiveSpec("population", list(base.indices), list(base.weights))
-    elif isinstance(base, OneHotPopulation):
-        spec = ObjectiveSpec(
-            "one_hot",
-            [base.index],
-            population=None if base.population is None else list(base.population),
-            temperature=base.temperature,
-            log=base.log,
-        )
-    else:
-        raise InvalidInput(f"{base!r} has no plain-data form")
-    if members is not None:
-        spec.members, spec.member_temperature = members.aggregate, members.temperature
-        spec.disagreement = members.disagreement
-    if extra:
-        weight, term = extra[0]
-        assert isinstance(term, Diversity)
-        spec.diversity, spec.diversity_on = weight, term.on
-    return spec

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 from neurotwin.engines.objectives.algebra import Objective
+from neurotwin.engines.objectives.spec_data import ObjectiveSpec
 
 DIVERSITY_SPACES = ("images", "rates")
 AGGREGATES = ("mean", "softmin", "min")
@@ -38,6 +39,9 @@ class Neuron(Objective):
     @property
     def neurons(self) -> list[int]:
         return [self.index]
+
+    def base_spec(self) -> ObjectiveSpec:
+        return ObjectiveSpec("neuron", [self.index])
 
     def __repr__(self) -> str:
         return f"neuron({self.index})"
@@ -87,6 +91,9 @@ class Population(Objective):
     def neurons(self) -> list[int]:
         return list(self.indices)
 
+    def base_spec(self) -> ObjectiveSpec:
+        return ObjectiveSpec("population", list(self.indices), list(self.weights))
+
     def __repr__(self) -> str:
         return f"population({self.indices}, {self.weights})"
 
@@ -134,6 +141,15 @@ class OneHotPopulation(Objective):
     def neurons(self) -> list[int]:
         return [self.index] if self.population is None else list(self.population)
 
+    def base_spec(self) -> ObjectiveSpec:
+        return ObjectiveSpec(
+            "one_hot",
+            [self.index],
+            population=None if self.population is None else list(self.population),
+            temperature=self.temperature,
+            log=self.log,
+        )
+
     def __repr__(self) -> str:
         pop = "all" if self.population is None else self.population
         return f"one_hot({self.index}, population={pop}, T={self.temperature:g}, log={self.log})"
@@ -178,6 +194,13 @@ class Diversity(Objective):
     @property
     def uses_images(self) -> bool:
         return self.on == "images"
+
+    @property
+    def adds_to_spec(self) -> bool:
+        return True
+
+    def add_to_spec(self, spec: ObjectiveSpec, weight: float) -> None:
+        spec.diversity, spec.diversity_on = weight, self.on
 
     def __repr__(self) -> str:
         return f"diversity(on={self.on!r})"
@@ -247,6 +270,12 @@ class Agreement(Objective):
     @property
     def neurons(self) -> list[int]:
         return self.inner.neurons
+
+    def base_spec(self) -> ObjectiveSpec:
+        spec = self.inner.base_spec()
+        spec.members, spec.member_temperature = self.aggregate, self.temperature
+        spec.disagreement = self.disagreement
+        return spec
 
     def __repr__(self) -> str:
         return (

@@ -28,23 +28,21 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
-from neurotwin.card import GeneratorCard, PredictorCard
-from neurotwin.engines.model_handles import RefCounted
+from neurotwin.card import PredictorCard
 from neurotwin.engines.objectives import ObjectiveSpec, build_objective
 from neurotwin.engines.optimizers import GradientConfig
 from neurotwin.engines.registry import ModelRegistry, RegistrySettings
 from neurotwin.engines.synthesis import (
     MAX_IMAGES_PER_JOB,
-    ModelPair,
     Progress,
     SynthesisJob,
     SynthesisRequest,
     SynthesisResult,
     SynthesisScheduler,
-    TickInfo,
 )
+from neurotwin.engines.synthesis.pairs import PIXELS, LoadedPair, PairCache
 from neurotwin.engines.transfer_defaults import TransferDefaults
 from neurotwin.errors import (
     Cancelled,
@@ -56,7 +54,8 @@ from neurotwin.errors import (
 )
 from neurotwin.imagecodec import encode_image, resize_uint8
 from neurotwin.runtimes.devices import select_device
-from neurotwin.server.common import LATENCY_BUCKETS, GrpcServer, deadline_from
+from neurotwin.server.common import GrpcServer, deadline_from
+from neurotwin.server.synthesizer_metrics import SynthesizerMetrics
 from neurotwin.store import (
     GENERATORS,
     default_store_root,
@@ -70,7 +69,6 @@ log = logging.getLogger(__name__)
 SECTION = "synthesizer"
 SERVICE_NAME = "neurotwin.v1.StimulusSynthesizer"
 # The generator-free prior: a Fourier pixel parameterization built at the twin's input size.
-PIXELS = "pixels"
 IMAGE_FORMATS = {"": "png", "png": "png", "jpeg": "jpeg", "jpg": "jpeg"}
 METHOD_NAMES = {
     pb.SynthesizeRequest.METHOD_UNSPECIFIED: "gradient",
@@ -85,9 +83,6 @@ MAX_LEARNING_RATE = 1e3
 # A call that ends with less time than this left ended at its deadline.
 _DEADLINE_SLACK_S = 0.1
 MAX_OBJECTIVE_WEIGHT = 1e6
-JOB_BUCKETS = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
-OCCUPANCY_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 @dataclass
@@ -171,224 +166,6 @@ FLAG_HELP = {
 }
 
 
-# -- metrics ---------------------------------------------------------------------------------------
-
-
-class SynthesizerMetrics:
-    """Service metrics, registered on the server's registry (or a private one in-process)."""
-
-    RATE_WINDOW_S = 10.0
-
-    def __init__(self, registry: CollectorRegistry, scheduler: SynthesisScheduler) -> None:
-        self._scheduler = scheduler
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()
-        self._lock = threading.Lock()
-        self.jobs = Counter(
-            "neurotwin_synthesizer_jobs",
-            "Finished synthesis jobs by method and outcome (ok, cancelled, deadline, failed)",
-            ["method", "outcome"],
-            registry=registry,
-        )
-        self.rejected = Counter(
-            "neurotwin_synthesizer_jobs_rejected",
-            "Requests refused at admission (scheduler full) or as invalid",
-            ["reason"],
-            registry=registry,
-        )
-        self.job_seconds = Histogram(
-            "neurotwin_synthesizer_job_seconds",
-            "Wall time of a synthesis job, from submission to its result",
-            ["method"],
-            buckets=JOB_BUCKETS,
-            registry=registry,
-        )
-        self.queued_seconds = Histogram(
-            "neurotwin_synthesizer_queued_seconds",
-            "Time a job waited before its first step",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.step_seconds = Histogram(
-            "neurotwin_synthesizer_step_seconds",
-            "Time of one batched step (forward, and backward for gradient jobs)",
-            ["kind"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.job_steps = Counter(
-            "neurotwin_synthesizer_job_steps",
-            "Optimization steps taken, counted once per job in each batched step",
-            registry=registry,
-        )
-        self.batch_jobs = Histogram(
-            "neurotwin_synthesizer_batch_jobs",
-            "Jobs sharing one batched step (batch occupancy)",
-            buckets=OCCUPANCY_BUCKETS,
-            registry=registry,
-        )
-        self.batch_images = Histogram(
-            "neurotwin_synthesizer_batch_images",
-            "Images in one batched step",
-            buckets=IMAGE_BUCKETS,
-            registry=registry,
-        )
-        steps_rate = Gauge(
-            "neurotwin_synthesizer_steps_per_second",
-            f"Job steps per second over the last {self.RATE_WINDOW_S:g} s",
-            registry=registry,
-        )
-        steps_rate.set_function(self.steps_per_second)
-        active = Gauge("neurotwin_synthesizer_jobs_active", "Jobs taking steps", registry=registry)
-        active.set_function(lambda: scheduler.stats().active)
-        queued = Gauge(
-            "neurotwin_synthesizer_jobs_queued",
-            "Jobs admitted, waiting for their first step",
-            registry=registry,
-        )
-        queued.set_function(lambda: scheduler.stats().pending)
-        if scheduler.device.type == "cuda":
-            device = scheduler.device
-            allocated = Gauge(
-                "neurotwin_synthesizer_gpu_memory_allocated_bytes",
-                "GPU memory held by tensors on the synthesis device",
-                registry=registry,
-            )
-            allocated.set_function(lambda: torch.cuda.memory_allocated(device))
-            reserved = Gauge(
-                "neurotwin_synthesizer_gpu_memory_reserved_bytes",
-                "GPU memory reserved by torch's caching allocator on the synthesis device",
-                registry=registry,
-            )
-            reserved.set_function(lambda: torch.cuda.memory_reserved(device))
-            peak = Gauge(
-                "neurotwin_synthesizer_gpu_memory_peak_bytes",
-                "Peak GPU memory held by tensors since the service started",
-                registry=registry,
-            )
-            peak.set_function(lambda: torch.cuda.max_memory_allocated(device))
-
-    def on_tick(self, tick: TickInfo) -> None:
-        self.step_seconds.labels(tick.method).observe(tick.seconds)
-        self.job_steps.inc(tick.jobs)
-        self.batch_jobs.observe(tick.jobs)
-        self.batch_images.observe(tick.images)
-        now = time.monotonic()
-        with self._lock:
-            self._recent.append((now, tick.jobs))
-            self._trim(now)
-
-    def _trim(self, now: float) -> None:
-        while self._recent and self._recent[0][0] < now - self.RATE_WINDOW_S:
-            self._recent.popleft()
-
-    def steps_per_second(self) -> float:
-        now = time.monotonic()
-        with self._lock:
-            self._trim(now)
-            return sum(n for _, n in self._recent) / self.RATE_WINDOW_S
-
-
-# -- model pairs -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _PairKey:
-    model: str
-    model_version: int
-    generator: str
-    generator_version: int
-
-    def __str__(self) -> str:
-        gen = self.generator if self.generator == PIXELS else f"{self.generator}/{self.generator_version}"
-        return f"{self.model}/{self.model_version}|{gen}"
-
-
-@dataclass(eq=False)
-class LoadedPair:
-    """A twin + prior pair checked out of the model registry for one job; ``release`` when it ends."""
-
-    key: _PairKey
-    pair: ModelPair
-    card: PredictorCard
-    generator_card: GeneratorCard | None
-    handles: tuple[RefCounted, ...] = ()
-    _released: bool = False
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            for handle in self.handles:
-                handle.exit()
-
-
-class PairCache:
-    """Twin + generator pairs from the model registry: the twin is converted from a predictor version
-    that passed validation (newest served one unless pinned), the generator is the newest validated
-    version unless pinned. Pairs of the same modules are reused, so concurrent jobs batch together."""
-
-    def __init__(self, models: ModelRegistry, settings: Settings, device: torch.device) -> None:
-        self.models = models
-        self.settings = settings
-        self.device = device
-        self._lock = threading.Lock()
-        self._pairs: collections.OrderedDict[_PairKey, ModelPair] = collections.OrderedDict()
-        self._pixels: dict[int, torch.nn.Module] = {}
-
-    def checkout(self, model: str, model_version: int, generator: str, generator_version: int) -> LoadedPair:
-        """The pair, counted in with the registry until ``release``. NotFound / ModelStoreError."""
-        if not model:
-            raise InvalidInput("model: name the twin to synthesize for")
-        generator = generator or self.settings.default_generator
-        if generator == PIXELS and generator_version:
-            raise InvalidInput("generator 'pixels' has no versions; leave generator_version at 0")
-        twin = self.models.derived.twin(
-            model,
-            model_version or None,
-            device=self.device,
-            parity_images=max(0, self.settings.parity_images),
-            # An ensemble twin gives synthesis its members' rates, so objectives can ask them to agree.
-            members=True,
-        )
-        handles: list[RefCounted] = [twin]
-        try:
-            generator_card: GeneratorCard | None = None
-            if generator == PIXELS:
-                prior = self._pixel_prior(max(twin.card.input.height, twin.card.input.width))
-                key = _PairKey(twin.name, twin.version, PIXELS, 0)
-            else:
-                loaded = self.models.derived.generator(generator, generator_version or None, self.device)
-                handles.append(loaded)
-                prior, generator_card = loaded.module, loaded.card
-                key = _PairKey(twin.name, twin.version, loaded.name, loaded.version)
-            with self._lock:
-                pair = self._pairs.get(key)
-                if pair is None or pair.twin is not twin.module or pair.prior is not prior:
-                    pair = ModelPair(twin=twin.module, prior=prior, card=twin.card, key=str(key))
-                    self._pairs[key] = pair
-                self._pairs.move_to_end(key)
-                while len(self._pairs) > max(1, self.settings.max_loaded_pairs):
-                    self._pairs.popitem(last=False)
-        except BaseException:
-            for handle in handles:
-                handle.exit()
-            raise
-        return LoadedPair(key, pair, twin.card, generator_card, tuple(handles))
-
-    def _pixel_prior(self, resolution: int) -> torch.nn.Module:
-        from neurotwin.runtimes.generators import FourierPixels
-
-        with self._lock:
-            prior = self._pixels.get(resolution)
-            if prior is None:
-                prior = FourierPixels(resolution=resolution).to(self.device).eval().requires_grad_(False)
-                self._pixels[resolution] = prior
-            return prior
-
-    def loaded(self) -> list[str]:
-        with self._lock:
-            return [str(k) for k in self._pairs]
-
-
 # -- the service -----------------------------------------------------------------------------------
 
 
@@ -439,7 +216,13 @@ class SynthesizerService:
             models.start()
         self.models = models
         self.store = models.store
-        self.pairs = PairCache(models, settings, self.device)
+        self.pairs = PairCache(
+            models,
+            self.device,
+            default_generator=settings.default_generator,
+            parity_images=settings.parity_images,
+            max_loaded_pairs=settings.max_loaded_pairs,
+        )
         self.scheduler = SynthesisScheduler(
             device=self.device,
             max_jobs=settings.max_jobs,

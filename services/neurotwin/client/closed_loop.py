@@ -41,6 +41,33 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
 
 
 @dataclass(frozen=True)
+class ConfirmedStimulus:
+    """A candidate re-presented for confirmation: its first measurement and the repeats' statistics."""
+
+    stimulus_id: str
+    generation: int
+    first_score: float
+    mean_score: float
+    std_score: float
+    sem_score: float
+    n: int
+    target_rates: list[float]
+
+    @classmethod
+    def from_message(cls, m: pb.ConfirmedStimulus) -> ConfirmedStimulus:
+        return cls(
+            stimulus_id=m.stimulus_id,
+            generation=m.generation,
+            first_score=m.first_score,
+            mean_score=m.mean_score,
+            std_score=m.std_score,
+            sem_score=m.sem_score,
+            n=m.n,
+            target_rates=list(m.target_rates),
+        )
+
+
+@dataclass(frozen=True)
 class BestSoFar:
     generation: int
     stimulus_id: str
@@ -50,6 +77,9 @@ class BestSoFar:
     best_natural_score: float
     last_generation_mean: float
     last_generation_max: float
+    # After the confirmation generation: the confirmed best (None before), and every candidate, best first.
+    confirmed: ConfirmedStimulus | None = None
+    confirmation_candidates: list[ConfirmedStimulus] = field(default_factory=list)
 
     @classmethod
     def from_message(cls, m: pb.BestSoFar) -> BestSoFar:
@@ -62,6 +92,8 @@ class BestSoFar:
             best_natural_score=m.best_natural_score,
             last_generation_mean=m.last_generation_mean,
             last_generation_max=m.last_generation_max,
+            confirmed=ConfirmedStimulus.from_message(m.confirmed) if m.HasField("confirmed") else None,
+            confirmation_candidates=[ConfirmedStimulus.from_message(c) for c in m.confirmation_candidates],
         )
 
 
@@ -108,6 +140,8 @@ class PresentedStimulus:
     natural_name: str
     predicted_rates: list[float]
     predicted_score: float
+    # A confirmation re-presentation: the stimulus id of the image's first presentation ("" otherwise).
+    repeat_of: str = ""
 
     def pixels(self) -> np.ndarray:
         """The image as uint8 [H, W, 3]."""
@@ -154,6 +188,7 @@ class PendingGeneration:
                     natural_name=s.natural_name,
                     predicted_rates=list(s.predicted_rates),
                     predicted_score=s.predicted_score,
+                    repeat_of=s.repeat_of,
                 )
                 for s in m.stimuli
             ],
@@ -296,8 +331,15 @@ class ClosedLoopClient:
         description: str = "",
         session_id: str = "",
         metadata: Mapping[str, Any] | None = None,
+        confirmation: bool | None = None,
+        confirm_top: int = 0,
+        confirm_repeats: int = 0,
     ) -> SessionInfo:
-        """``metadata``: ``neurotwin.v1.RecordingMetadata`` fields by name (subject, device, session)."""
+        """``metadata``: ``neurotwin.v1.RecordingMetadata`` fields by name (subject, device, session).
+
+        ``confirmation``: None for the server's defaults, False to switch it off, True to ask for it
+        (with ``confirm_top`` candidates x ``confirm_repeats`` repeats; 0: the defaults).
+        """
         images = [
             bytes(x) if isinstance(x, bytes | bytearray | memoryview) else Path(x).read_bytes()
             for x in natural_images
@@ -322,6 +364,12 @@ class ClosedLoopClient:
         )
         if seed is not None:
             request.seed = seed
+        if confirmation is not None or confirm_top or confirm_repeats:
+            request.confirmation.CopyFrom(
+                pb.Confirmation(
+                    top_candidates=confirm_top, repeats=confirm_repeats, disabled=confirmation is False
+                )
+            )
         generator_ref = _model_ref(generator)
         if generator_ref is not None:
             request.generator.CopyFrom(generator_ref)

@@ -106,6 +106,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--candidates", type=int, default=10, help="candidates per presented image when guided"
     )
     parser.add_argument("--refit", action="store_true", help="refit the guide's readout online")
+    parser.add_argument(
+        "--confirm-top",
+        type=int,
+        default=0,
+        help="confirmation: distinct top images re-presented in the last generation (0: the server's "
+        "default, population / 5 when --generations >= 10)",
+    )
+    parser.add_argument(
+        "--confirm-repeats", type=int, default=0, help="confirmation: presentations of each (0: 5)"
+    )
+    parser.add_argument(
+        "--no-confirmation", action="store_true", help="no confirmation generation at the end"
+    )
     parser.add_argument("--stop-after", type=int, default=0, help="leave after telling this many generations")
     parser.add_argument("--export", default="", help="write the session to this .nwb or .h5 file at the end")
     parser.add_argument(
@@ -188,6 +201,11 @@ class SimResult:
     # unlike wall time does not grow when other programs compete for the cores.
     ask_cpu_seconds: list[float] = field(default_factory=list)
     tell_cpu_seconds: list[float] = field(default_factory=list)
+    # The session's confirmed best (confirmation re-presentations): id, mean measured objective over
+    # its repeats, and its noise-free objective. Empty / NaN without confirmation.
+    confirmed_stimulus_id: str = ""
+    confirmed_score: float = math.nan
+    confirmed_true: float = math.nan
 
 
 def simulate(
@@ -269,6 +287,7 @@ def simulate(
         if summary.finished:
             break
     info = client.get_session(session_id)
+    confirmed = info.best.confirmed
     return SimResult(
         session_id=session_id,
         generations=info.generations_told,
@@ -282,6 +301,9 @@ def simulate(
         history=history,
         ask_cpu_seconds=ask_cpu,
         tell_cpu_seconds=tell_cpu,
+        confirmed_stimulus_id=confirmed.stimulus_id if confirmed else "",
+        confirmed_score=confirmed.mean_score if confirmed else math.nan,
+        confirmed_true=true_objective.get(confirmed.stimulus_id, math.nan) if confirmed else math.nan,
     )
 
 
@@ -348,6 +370,9 @@ def _create(
         twin_neurons=args.guide_neuron,
         candidates_per_presentation=args.candidates if guide else 0,
         refit_readout=args.refit,
+        confirmation=False if args.no_confirmation else None,
+        confirm_top=args.confirm_top,
+        confirm_repeats=args.confirm_repeats,
         description=f"rig-sim: virtual neurons {args.neuron} of {ref}, Poisson noise, "
         f"{args.presentation_ms:g} ms presentations",
         metadata=_metadata(args, twin, ref, version),
@@ -428,6 +453,12 @@ def run(args: argparse.Namespace) -> int:
             f"Ask p50 {ask_ms:.1f} ms, Tell p50 {tell_ms:.1f} ms",
             flush=True,
         )
+        if result.confirmed_stimulus_id:
+            print(
+                f"rig-sim: confirmed best {result.confirmed_stimulus_id}: mean {result.confirmed_score:.3f} "
+                f"over its re-presentations, noise-free rate {result.confirmed_true:.3f}",
+                flush=True,
+            )
         exports: list[Path] = []
         if args.export:
             exports.append(_export(client, session_id, Path(args.export)))

@@ -8,9 +8,11 @@ NWB layout:
 - ``stimulus_templates/stimuli``: ``Images`` with one ``RGBImage`` per distinct image (each synthetic
   stimulus; each natural image once), ordered; ``stimulus/presentations``: an ``IndexSeries`` into it.
 - ``intervals/trials``: one row per told presentation, in order of start time: generation, stimulus id
-  and index, kind, image index, sha256, latent, objective, twin-predicted score, mean responses, every
-  repeat (ragged), server receive time. ``start_time`` is the rig's onset of the first repeat when it
-  gave one (0.0 included), else the server's receive time, in seconds from the session start;
+  and index, kind, repeat_of (for a confirmation re-presentation, the stimulus id of the image's first
+  presentation, whose image row it shares), image index, sha256, latent, objective, twin-predicted
+  score, mean responses, every repeat (ragged), server receive time. ``start_time`` is the rig's
+  onset of the first repeat when it gave one (0.0 included), else the server's receive time, in
+  seconds from the session start;
   ``stop_time`` is start plus the presentation duration of one repeat (the Tell's, else the session
   metadata's ``presentation_duration``), NaN when neither is known.
 - ``acquisition/responses``: ``TimeSeries`` [presentations, neurons] of mean responses, in the
@@ -73,6 +75,8 @@ class SessionData:
 
     # The session's metadata with any given for this export applied.
     metadata: RecordingMetadata = field(default_factory=RecordingMetadata)
+    # Per generation, what each position re-presents (from the generation's journaled meta).
+    _repeat_of: dict[int, list[str]] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -86,6 +90,16 @@ class SessionData:
     @property
     def response_units(self) -> str:
         return self.metadata.response_units or DEFAULT_RESPONSE_UNITS
+
+    def repeat_of(self, stimulus: StimulusRecord) -> str:
+        """For a confirmation re-presentation, the stimulus id of the image's first presentation; else ""."""
+        originals = self._repeat_of.get(stimulus.generation)
+        return originals[stimulus.index] if originals and stimulus.index < len(originals) else ""
+
+    def __post_init__(self) -> None:
+        self._repeat_of = {
+            g.generation: list(g.meta["repeat_of"]) for g in self.generations if g.meta.get("repeat_of")
+        }
 
     def told(self) -> list[tuple[StimulusRecord, ResponseRecord]]:
         by_key = {(s.generation, s.index): s for s in self.stimuli}
@@ -226,15 +240,20 @@ def _image_table(data: SessionData) -> tuple[list[tuple[str, bytes | None]], dic
     images: list[tuple[str, bytes | None]] = []
     row_of: dict[tuple[int, int], int] = {}
     natural_row: dict[int, int] = {}
+    synthetic_row: dict[str, int] = {}
     names = {n.index: n.name for n in data.natural}
     for s in data.stimuli:
-        if s.kind == NATURAL and s.natural_index is not None:
+        original = data.repeat_of(s)
+        if original and original in synthetic_row:
+            # A confirmation re-presentation shows its original's image: one row for both.
+            row_of[(s.generation, s.index)] = synthetic_row[original]
+        elif s.kind == NATURAL and s.natural_index is not None:
             if s.natural_index not in natural_row:
                 natural_row[s.natural_index] = len(images)
                 images.append((f"natural{s.natural_index:05d}_{names.get(s.natural_index, '')}", s.image))
             row_of[(s.generation, s.index)] = natural_row[s.natural_index]
         else:
-            row_of[(s.generation, s.index)] = len(images)
+            synthetic_row[s.stimulus_id] = row_of[(s.generation, s.index)] = len(images)
             images.append((s.stimulus_id, s.image))
     return images, row_of
 
@@ -360,6 +379,7 @@ def write_nwb(data: SessionData, path: Path, with_images: bool = True) -> None:
         ("stimulus_index", "position in the generation (presentation order)"),
         ("stimulus_id", "stimulus id"),
         ("kind", "synthetic or natural"),
+        ("repeat_of", "confirmation re-presentation: stimulus id of the image's first presentation, else ''"),
         ("image_index", "row of stimulus_templates/stimuli"),
         ("sha256", "sha256 of the presented image bytes"),
         ("latent", "latent code (NaN for natural images)"),
@@ -380,6 +400,7 @@ def write_nwb(data: SessionData, path: Path, with_images: bool = True) -> None:
             stimulus_index=s.index,
             stimulus_id=s.stimulus_id,
             kind=s.kind,
+            repeat_of=data.repeat_of(s),
             image_index=row_of[(s.generation, s.index)],
             sha256=s.sha256,
             latent=s.latent if s.latent is not None else np.full(dim, np.nan),
@@ -487,6 +508,9 @@ def write_hdf5(data: SessionData, path: Path, with_images: bool = True) -> None:
             "stimulus_id", data=np.array([s.stimulus_id for s in p.stimuli], dtype=object), dtype=strings
         )
         pres.create_dataset("kind", data=np.array([s.kind for s in p.stimuli], dtype=object), dtype=strings)
+        pres.create_dataset(
+            "repeat_of", data=np.array([data.repeat_of(s) for s in p.stimuli], dtype=object), dtype=strings
+        )
         pres.create_dataset(
             "sha256", data=np.array([s.sha256 for s in p.stimuli], dtype=object), dtype=strings
         )

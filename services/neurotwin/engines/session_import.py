@@ -57,6 +57,8 @@ def read_hdf5(path: str | Path) -> SessionData:
         # Images come back as PNG whatever the session sent (the export holds decoded pixels).
         stimuli, responses = _presentations(f["presentations"], f["stimuli"], zero)
         generations = _generations(f["generations"], zero)
+        if "repeat_of" in f["presentations"]:
+            _restore_repeats(generations, stimuli, _strings(f["presentations/repeat_of"]))
         natural = [
             NaturalImage(index=i, name=name, sha256=sha, data=b"")
             for i, (name, sha) in enumerate(
@@ -149,3 +151,19 @@ def _generations(group: Any, zero: float) -> list[GenerationRecord]:
             )
         )
     return out
+
+
+def _restore_repeats(
+    generations: list[GenerationRecord], stimuli: list[StimulusRecord], repeat_of: list[str]
+) -> None:
+    """Put confirmation re-presentations back into their generation's meta, as the journal has them."""
+    by_generation: dict[int, dict[int, str]] = {}
+    for stimulus, original in zip(stimuli, repeat_of, strict=True):
+        if original:
+            by_generation.setdefault(stimulus.generation, {})[stimulus.index] = original
+    for record in generations:
+        originals = by_generation.get(record.generation)
+        if originals:
+            size = max(s.index for s in stimuli if s.generation == record.generation) + 1
+            record.meta["repeat_of"] = [originals.get(i, "") for i in range(size)]
+            record.meta["confirmation"] = True

@@ -145,6 +145,23 @@ def session_request(message: pb.CreateSessionRequest) -> SessionRequest:
         refit_readout=guidance.refit_readout if guidance else False,
         description=message.description,
         metadata=metadata_dict(message.metadata),
+        confirm_requested=message.HasField("confirmation"),
+        confirm_disabled=message.confirmation.disabled,
+        confirm_top=message.confirmation.top_candidates,
+        confirm_repeats=message.confirmation.repeats,
+    )
+
+
+def confirmed_message(entry: dict[str, Any]) -> pb.ConfirmedStimulus:
+    return pb.ConfirmedStimulus(
+        stimulus_id=entry["stimulus_id"],
+        generation=int(entry["generation"]),
+        first_score=float(entry["first_score"]),
+        mean_score=float(entry["mean_score"]),
+        std_score=float(entry["std_score"]),
+        sem_score=float(entry["sem_score"]),
+        n=int(entry["n"]),
+        target_rates=[float(v) for v in entry["target_rates"]],
     )
 
 
@@ -158,6 +175,8 @@ def best_message(best: dict[str, Any]) -> pb.BestSoFar:
         best_natural_score=float(best.get("best_natural_score", math.nan)),
         last_generation_mean=float(best.get("last_generation_mean", math.nan)),
         last_generation_max=float(best.get("last_generation_max", math.nan)),
+        confirmed=confirmed_message(best["confirmed"]) if best.get("confirmed") else None,
+        confirmation_candidates=[confirmed_message(e) for e in best.get("confirmation_candidates", [])],
     )
 
 
@@ -181,6 +200,9 @@ def session_message(view: SessionView) -> pb.ClosedLoopSession:
         image_format=c.image_format,
         description=c.description,
         metadata=pb.RecordingMetadata(**c.metadata),
+        confirmation=pb.Confirmation(
+            top_candidates=c.confirm_top, repeats=c.confirm_repeats, disabled=c.confirm_top == 0
+        ),
     )
     if c.twin:
         settings.guidance.CopyFrom(
@@ -224,6 +246,7 @@ def ask_message(generation: Generation) -> pb.AskResponse:
                 natural_name=s.natural_name,
                 predicted_rates=s.predicted_rates,
                 predicted_score=math.nan if s.predicted_score is None else s.predicted_score,
+                repeat_of=s.repeat_of,
             )
             for s in generation.stimuli
         ],

@@ -27,7 +27,7 @@ class TwinGuidance(_message.Message):
     def __init__(self, twin: _Optional[_Union[ClosedLoopModelRef, _Mapping]] = ..., twin_neurons: _Optional[_Iterable[int]] = ..., candidates_per_presentation: _Optional[int] = ..., refit_readout: _Optional[bool] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("session_id", "generator", "optimizer", "optimizer_options", "population_size", "natural_per_generation", "natural_source", "natural_images", "neuron_count", "neuron_ids", "target_neurons", "objective", "seed", "max_generations", "image_size", "image_format", "guidance", "description", "metadata")
+    __slots__ = ("session_id", "generator", "optimizer", "optimizer_options", "population_size", "natural_per_generation", "natural_source", "natural_images", "neuron_count", "neuron_ids", "target_neurons", "objective", "seed", "max_generations", "image_size", "image_format", "guidance", "description", "metadata", "confirmation")
     class OptimizerOptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class CreateSessionRequest(_message.Message):
     GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMATION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     generator: ClosedLoopModelRef
     optimizer: str
@@ -73,7 +74,18 @@ class CreateSessionRequest(_message.Message):
     guidance: TwinGuidance
     description: str
     metadata: RecordingMetadata
-    def __init__(self, session_id: _Optional[str] = ..., generator: _Optional[_Union[ClosedLoopModelRef, _Mapping]] = ..., optimizer: _Optional[str] = ..., optimizer_options: _Optional[_Mapping[str, float]] = ..., population_size: _Optional[int] = ..., natural_per_generation: _Optional[int] = ..., natural_source: _Optional[str] = ..., natural_images: _Optional[_Iterable[bytes]] = ..., neuron_count: _Optional[int] = ..., neuron_ids: _Optional[_Iterable[str]] = ..., target_neurons: _Optional[_Iterable[int]] = ..., objective: _Optional[str] = ..., seed: _Optional[int] = ..., max_generations: _Optional[int] = ..., image_size: _Optional[int] = ..., image_format: _Optional[str] = ..., guidance: _Optional[_Union[TwinGuidance, _Mapping]] = ..., description: _Optional[str] = ..., metadata: _Optional[_Union[RecordingMetadata, _Mapping]] = ...) -> None: ...
+    confirmation: Confirmation
+    def __init__(self, session_id: _Optional[str] = ..., generator: _Optional[_Union[ClosedLoopModelRef, _Mapping]] = ..., optimizer: _Optional[str] = ..., optimizer_options: _Optional[_Mapping[str, float]] = ..., population_size: _Optional[int] = ..., natural_per_generation: _Optional[int] = ..., natural_source: _Optional[str] = ..., natural_images: _Optional[_Iterable[bytes]] = ..., neuron_count: _Optional[int] = ..., neuron_ids: _Optional[_Iterable[str]] = ..., target_neurons: _Optional[_Iterable[int]] = ..., objective: _Optional[str] = ..., seed: _Optional[int] = ..., max_generations: _Optional[int] = ..., image_size: _Optional[int] = ..., image_format: _Optional[str] = ..., guidance: _Optional[_Union[TwinGuidance, _Mapping]] = ..., description: _Optional[str] = ..., metadata: _Optional[_Union[RecordingMetadata, _Mapping]] = ..., confirmation: _Optional[_Union[Confirmation, _Mapping]] = ...) -> None: ...
+
+class Confirmation(_message.Message):
+    __slots__ = ("top_candidates", "repeats", "disabled")
+    TOP_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    REPEATS_FIELD_NUMBER: _ClassVar[int]
+    DISABLED_FIELD_NUMBER: _ClassVar[int]
+    top_candidates: int
+    repeats: int
+    disabled: bool
+    def __init__(self, top_candidates: _Optional[int] = ..., repeats: _Optional[int] = ..., disabled: _Optional[bool] = ...) -> None: ...
 
 class RecordingMetadata(_message.Message):
     __slots__ = ("subject_id", "species", "sex", "age", "subject_description", "session_description", "experimenter", "lab", "institution", "experiment_description", "protocol", "device_name", "device_description", "device_manufacturer", "brain_area", "response_units", "presentation_duration", "session_start_time")
@@ -124,7 +136,7 @@ class AskRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., omit_images: _Optional[bool] = ...) -> None: ...
 
 class ClosedLoopStimulus(_message.Message):
-    __slots__ = ("stimulus_id", "index", "kind", "image", "sha256", "natural_name", "predicted_rates", "predicted_score")
+    __slots__ = ("stimulus_id", "index", "kind", "image", "sha256", "natural_name", "predicted_rates", "predicted_score", "repeat_of")
     STIMULUS_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +145,7 @@ class ClosedLoopStimulus(_message.Message):
     NATURAL_NAME_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_RATES_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_SCORE_FIELD_NUMBER: _ClassVar[int]
+    REPEAT_OF_FIELD_NUMBER: _ClassVar[int]
     stimulus_id: str
     index: int
     kind: str
@@ -141,7 +154,8 @@ class ClosedLoopStimulus(_message.Message):
     natural_name: str
     predicted_rates: _containers.RepeatedScalarFieldContainer[float]
     predicted_score: float
-    def __init__(self, stimulus_id: _Optional[str] = ..., index: _Optional[int] = ..., kind: _Optional[str] = ..., image: _Optional[bytes] = ..., sha256: _Optional[str] = ..., natural_name: _Optional[str] = ..., predicted_rates: _Optional[_Iterable[float]] = ..., predicted_score: _Optional[float] = ...) -> None: ...
+    repeat_of: str
+    def __init__(self, stimulus_id: _Optional[str] = ..., index: _Optional[int] = ..., kind: _Optional[str] = ..., image: _Optional[bytes] = ..., sha256: _Optional[str] = ..., natural_name: _Optional[str] = ..., predicted_rates: _Optional[_Iterable[float]] = ..., predicted_score: _Optional[float] = ..., repeat_of: _Optional[str] = ...) -> None: ...
 
 class AskResponse(_message.Message):
     __slots__ = ("session_id", "generation", "finished", "stimuli", "image_format", "created_time")
@@ -194,7 +208,7 @@ class TellRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., generation: _Optional[int] = ..., responses: _Optional[_Iterable[_Union[StimulusResponse, _Mapping]]] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class BestSoFar(_message.Message):
-    __slots__ = ("generation", "stimulus_id", "score", "target_rates", "best_natural_stimulus_id", "best_natural_score", "last_generation_mean", "last_generation_max")
+    __slots__ = ("generation", "stimulus_id", "score", "target_rates", "best_natural_stimulus_id", "best_natural_score", "last_generation_mean", "last_generation_max", "confirmed", "confirmation_candidates")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     STIMULUS_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +217,8 @@ class BestSoFar(_message.Message):
     BEST_NATURAL_SCORE_FIELD_NUMBER: _ClassVar[int]
     LAST_GENERATION_MEAN_FIELD_NUMBER: _ClassVar[int]
     LAST_GENERATION_MAX_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMATION_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     generation: int
     stimulus_id: str
     score: float
@@ -211,7 +227,29 @@ class BestSoFar(_message.Message):
     best_natural_score: float
     last_generation_mean: float
     last_generation_max: float
-    def __init__(self, generation: _Optional[int] = ..., stimulus_id: _Optional[str] = ..., score: _Optional[float] = ..., target_rates: _Optional[_Iterable[float]] = ..., best_natural_stimulus_id: _Optional[str] = ..., best_natural_score: _Optional[float] = ..., last_generation_mean: _Optional[float] = ..., last_generation_max: _Optional[float] = ...) -> None: ...
+    confirmed: ConfirmedStimulus
+    confirmation_candidates: _containers.RepeatedCompositeFieldContainer[ConfirmedStimulus]
+    def __init__(self, generation: _Optional[int] = ..., stimulus_id: _Optional[str] = ..., score: _Optional[float] = ..., target_rates: _Optional[_Iterable[float]] = ..., best_natural_stimulus_id: _Optional[str] = ..., best_natural_score: _Optional[float] = ..., last_generation_mean: _Optional[float] = ..., last_generation_max: _Optional[float] = ..., confirmed: _Optional[_Union[ConfirmedStimulus, _Mapping]] = ..., confirmation_candidates: _Optional[_Iterable[_Union[ConfirmedStimulus, _Mapping]]] = ...) -> None: ...
+
+class ConfirmedStimulus(_message.Message):
+    __slots__ = ("stimulus_id", "generation", "first_score", "mean_score", "std_score", "sem_score", "n", "target_rates")
+    STIMULUS_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SCORE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    STD_SCORE_FIELD_NUMBER: _ClassVar[int]
+    SEM_SCORE_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    TARGET_RATES_FIELD_NUMBER: _ClassVar[int]
+    stimulus_id: str
+    generation: int
+    first_score: float
+    mean_score: float
+    std_score: float
+    sem_score: float
+    n: int
+    target_rates: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, stimulus_id: _Optional[str] = ..., generation: _Optional[int] = ..., first_score: _Optional[float] = ..., mean_score: _Optional[float] = ..., std_score: _Optional[float] = ..., sem_score: _Optional[float] = ..., n: _Optional[int] = ..., target_rates: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TellResponse(_message.Message):
     __slots__ = ("session_id", "generation", "generation_complete", "missing_stimulus_ids", "best", "generations_told", "presentations_told", "finished")

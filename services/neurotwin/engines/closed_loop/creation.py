@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from neurotwin.engines.closed_loop.confirmation import resolve_confirmation
 from neurotwin.engines.closed_loop.driver import OptimizerDriver, latent_prior
 from neurotwin.engines.closed_loop.models import SessionModels
 from neurotwin.engines.closed_loop.settings import (
@@ -86,6 +87,18 @@ def resolve_session(
         entries, image_size, checked.image_format, max_natural_images, limits.max_natural_pixels
     )
     check_cost(natural_bytes=sum(len(n.data) for n in natural), **cost)
+    confirm_top, confirm_repeats = resolve_confirmation(
+        req.confirm_requested,
+        req.confirm_disabled,
+        req.confirm_top,
+        req.confirm_repeats,
+        population,
+        req.max_generations,
+    )
+    if confirm_top * confirm_repeats > population:
+        # The confirmation generation is the largest Ask: it must fit the same limits.
+        cost["population"] = confirm_top * confirm_repeats
+        check_cost(natural_bytes=sum(len(n.data) for n in natural), **cost)
 
     config = SessionConfig(
         session_id=session_id,
@@ -114,6 +127,8 @@ def resolve_session(
         refit_readout=bool(req.refit_readout),
         description=req.description,
         metadata=RecordingMetadata.from_dict(req.metadata).to_dict(),
+        confirm_top=confirm_top,
+        confirm_repeats=confirm_repeats,
         fingerprint=fingerprint,
     )
     if config.optimizer == "ga" and config.candidates > population:

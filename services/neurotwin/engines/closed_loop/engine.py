@@ -15,6 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from neurotwin.engines.closed_loop.confirmation import (
+    confirmed_summary,
+    repetition_order,
+    top_candidates,
+)
 from neurotwin.engines.closed_loop.creation import new_driver, resolve_session
 from neurotwin.engines.closed_loop.driver import OptimizerDriver, latent_prior
 from neurotwin.engines.closed_loop.models import SessionModels
@@ -23,12 +28,14 @@ from neurotwin.engines.closed_loop.presentation import (
     Synthetic,
     choose_presented,
     lay_out,
+    lay_out_confirmation,
     natural_indices,
     natural_order,
 )
 from neurotwin.engines.closed_loop.responses import check_responses
 from neurotwin.engines.closed_loop.scoring import (
     generation_summary,
+    natural_summary,
     objective_scores,
     score_generation,
     updated_best,
@@ -216,6 +223,8 @@ class ClosedLoopEngine:
     def _replay_ask(self, live: LiveSession) -> None:
         """Re-ask the restored optimizer: it must reproduce the journaled candidates bit for bit."""
         assert live.pending is not None and live.driver is not None
+        if live.config.is_confirmation(live.record.generation):
+            return  # re-presents journaled images; the optimizer proposes nothing
         candidates = live.driver.propose(live.config.candidates)
         digest = hashlib.sha256(np.ascontiguousarray(candidates).tobytes()).hexdigest()
         journaled = live.pending.generation.meta.get("candidates_sha256")
@@ -277,6 +286,7 @@ class ClosedLoopEngine:
         assert live.pending is not None
         cfg = live.config
         stimuli = []
+        repeat_of = live.pending.generation.meta.get("repeat_of") or [""] * len(live.pending.stimuli)
         for s in live.pending.stimuli:
             rates: list[float] = []
             if s.predicted is not None:
@@ -291,6 +301,7 @@ class ClosedLoopEngine:
                     natural_name=live.natural_names[s.natural_index] if s.natural_index is not None else "",
                     predicted_rates=rates,
                     predicted_score=s.predicted_score,
+                    repeat_of=repeat_of[s.index],
                 )
             )
         generation = live.pending.generation
@@ -302,6 +313,9 @@ class ClosedLoopEngine:
         cfg = live.config
         assert live.driver is not None
         g = live.record.generation
+        if cfg.is_confirmation(g):
+            self._propose_confirmation(live)
+            return
         candidates = live.driver.propose(cfg.candidates)
         meta: dict[str, Any] = {
             "candidates": len(candidates),
@@ -318,7 +332,17 @@ class ClosedLoopEngine:
             meta.update(ranking)
         chosen, choice = choose_presented(guide, cfg.population_size)
         meta.update(choice)
+        stimuli, synthetic_positions = lay_out(
+            cfg, g, Synthetic(candidates, pixels, chosen, predicted, guide), self._naturals(live, g)
+        )
+        meta["synthetic_positions"] = synthetic_positions
+        self._journal_generation(
+            live, GenerationRecord(generation=g, created=time.time(), meta=meta), stimuli
+        )
 
+    def _naturals(self, live: LiveSession, g: int) -> Naturals:
+        """The natural references generation ``g`` shows, with the twin's view of them."""
+        cfg = live.config
         k = cfg.natural_per_generation
         indices = natural_indices(live.natural_order, g, k) if k else []
         natural = self.journal.natural_images(cfg.session_id, indices) if k else []
@@ -328,18 +352,50 @@ class ClosedLoopEngine:
             decoded = np.stack([decode_image(n.data) for n in natural])
             natural_predicted = live.twin.predict(decoded)
             natural_guide = live.guide.scores(natural_predicted.astype(np.float64))[0]
-        stimuli, synthetic_positions = lay_out(
-            cfg,
-            g,
-            Synthetic(candidates, pixels, chosen, predicted, guide),
-            Naturals(natural, natural_predicted, natural_guide),
-        )
-        meta["synthetic_positions"] = synthetic_positions
-        record = GenerationRecord(generation=g, created=time.time(), meta=meta)
+        return Naturals(natural, natural_predicted, natural_guide)
+
+    def _journal_generation(self, live: LiveSession, record: GenerationRecord, stimuli: list[Any]) -> None:
         live.record.revision = self.journal.add_generation(
-            cfg.session_id, live.record.revision, record, stimuli
+            live.config.session_id, live.record.revision, record, stimuli
         )
-        live.pending = Pending(record, stimuli, {}, synthetic_positions)
+        live.pending = Pending(record, stimuli, {}, record.meta["synthetic_positions"])
+
+    def _propose_confirmation(self, live: LiveSession) -> None:
+        """The confirmation generation: the best distinct images so far, re-presented (see
+        ``closed_loop.confirmation``)."""
+        cfg = live.config
+        g = live.record.generation
+        sid = cfg.session_id
+        told = self.journal.responses(sid)
+        candidates = top_candidates(
+            self.journal.stimuli(sid, with_images=False),
+            told,
+            cfg.target_neurons,
+            cfg.objective,
+            cfg.confirm_top,
+        )
+        wanted = {(c.stimulus.generation, c.stimulus.index) for c in candidates}
+        images = {
+            (s.generation, s.index): s
+            for generation in sorted({c.stimulus.generation for c in candidates})
+            for s in self.journal.stimuli(sid, generation)
+            if (s.generation, s.index) in wanted
+        }
+        originals = [images[(c.stimulus.generation, c.stimulus.index)] for c in candidates]
+        slots = repetition_order(cfg.seed, g, len(originals), cfg.confirm_repeats)
+        stimuli, repeat_of = lay_out_confirmation(cfg, g, originals, slots, self._naturals(live, g))
+        meta: dict[str, Any] = {
+            "confirmation": True,
+            "synthetic_positions": [],
+            "repeat_of": repeat_of,
+            # Each candidate's first presentation: generation and the measured objective it was picked by.
+            "confirm_first": {
+                c.stimulus.stimulus_id: [c.stimulus.generation, c.first_score] for c in candidates
+            },
+        }
+        self._journal_generation(
+            live, GenerationRecord(generation=g, created=time.time(), meta=meta), stimuli
+        )
 
     # -- Tell ---------------------------------------------------------------------------------------
     def tell(
@@ -465,10 +521,25 @@ class ClosedLoopEngine:
         pending = live.pending
         g = pending.generation.generation
         scored = score_generation(cfg, g, pending.stimuli, responses, pending.synthetic_positions)
-        live.driver.update(scored.latents, scored.synthetic_scores)
+        if cfg.is_confirmation(g):
+            # Nothing new for the optimizer: the confirmation re-measures what it has seen.
+            meta = pending.generation.meta
+            first = {k: (int(v[0]), float(v[1])) for k, v in meta["confirm_first"].items()}
+            confirmed = confirmed_summary(
+                first, meta["repeat_of"], responses, cfg.target_neurons, cfg.objective
+            )
+            best = {**updated_best(live.record.best, cfg, scored), **confirmed}
+            summary = natural_summary(scored)
+            if confirmed["confirmed"]:
+                summary.update(
+                    confirmed_mean=confirmed["confirmed"]["mean_score"],
+                    confirmed_n=confirmed["confirmed"]["n"],
+                )
+        else:
+            live.driver.update(scored.latents, scored.synthetic_scores)
+            best = updated_best(live.record.best, cfg, scored)
+            summary = generation_summary(scored, best, live.driver.trajectory())
         state = live.driver.state()
-        best = updated_best(live.record.best, cfg, scored)
-        summary = generation_summary(scored, best, live.driver.trajectory())
         if cfg.refit_readout and live.twin is not None:
             for s, score in zip(pending.stimuli, scored.scores, strict=True):
                 live.guide.learn(s.predicted, float(score))

@@ -92,20 +92,62 @@ def lay_out(
                 )
             )
         else:
-            j = item - population
-            image_record = naturals.images[j]
-            rates = None if naturals.predicted is None else naturals.predicted[j]
+            stimuli.append(natural_record(g, position, naturals, item - population))
+    return stimuli, synthetic_positions
+
+
+def natural_record(generation: int, position: int, naturals: Naturals, j: int) -> StimulusRecord:
+    """The ``j``-th natural reference of a generation, shown at ``position``."""
+    image_record = naturals.images[j]
+    rates = None if naturals.predicted is None else naturals.predicted[j]
+    return StimulusRecord(
+        generation=generation,
+        index=position,
+        stimulus_id=f"g{generation:04d}-s{position:03d}",
+        kind=NATURAL,
+        sha256=image_record.sha256,
+        image=image_record.data,
+        natural_index=image_record.index,
+        predicted=rates,
+        predicted_score=None if rates is None else float(naturals.guide[j]),
+    )
+
+
+def lay_out_confirmation(
+    config: SessionConfig,
+    generation: int,
+    originals: list[StimulusRecord],
+    slots: list[int],
+    naturals: Naturals,
+) -> tuple[list[StimulusRecord], list[str]]:
+    """The confirmation generation's stimuli: ``originals[slots[i]]`` again (same image bytes, latent
+    and twin prediction) with natural references at random places; and, per position, the stimulus id
+    each re-presentation repeats ("" for natural images)."""
+    g = generation
+    count = len(slots)
+    k = len(naturals.images)
+    placement = np.random.default_rng([config.seed, g, 11]).permutation(count + k)
+    stimuli: list[StimulusRecord] = []
+    repeat_of: list[str] = []
+    for position, item in enumerate(placement.tolist()):
+        stimulus_id = f"g{g:04d}-s{position:03d}"
+        if item < count:
+            original = originals[slots[item]]
             stimuli.append(
                 StimulusRecord(
                     generation=g,
                     index=position,
                     stimulus_id=stimulus_id,
-                    kind=NATURAL,
-                    sha256=image_record.sha256,
-                    image=image_record.data,
-                    natural_index=image_record.index,
-                    predicted=rates,
-                    predicted_score=None if rates is None else float(naturals.guide[j]),
+                    kind=SYNTHETIC,
+                    sha256=original.sha256,
+                    image=original.image,
+                    latent=original.latent,
+                    predicted=original.predicted,
+                    predicted_score=original.predicted_score,
                 )
             )
-    return stimuli, synthetic_positions
+            repeat_of.append(original.stimulus_id)
+        else:
+            stimuli.append(natural_record(g, position, naturals, item - count))
+            repeat_of.append("")
+    return stimuli, repeat_of

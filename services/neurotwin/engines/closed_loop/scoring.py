@@ -16,7 +16,14 @@ from neurotwin.engines.closed_loop.settings import SessionConfig
 from neurotwin.engines.journal import NATURAL, ResponseRecord, StimulusRecord
 from neurotwin.engines.objectives import objective_scores
 
-__all__ = ["ScoredGeneration", "generation_summary", "objective_scores", "score_generation", "updated_best"]
+__all__ = [
+    "ScoredGeneration",
+    "generation_summary",
+    "natural_summary",
+    "objective_scores",
+    "score_generation",
+    "updated_best",
+]
 
 
 @dataclass
@@ -57,13 +64,16 @@ def score_generation(
 
 
 def updated_best(best: dict[str, Any], config: SessionConfig, scored: ScoredGeneration) -> dict[str, Any]:
-    """The session's best synthetic and best natural stimulus after this generation."""
+    """The session's best synthetic and best natural stimulus after this generation.
+
+    A generation without new synthetic stimuli (the confirmation) only updates the natural best.
+    """
     best = dict(best)
     synthetic = scored.synthetic_positions
     synthetic_scores = scored.synthetic_scores
     scores = scored.scores
-    i = int(np.argmax(synthetic_scores))
-    if best["generation"] < 0 or synthetic_scores[i] > best["score"]:
+    i = int(np.argmax(synthetic_scores)) if synthetic else -1
+    if synthetic and (best["generation"] < 0 or synthetic_scores[i] > best["score"]):
         p = synthetic[i]
         best.update(
             generation=scored.generation,
@@ -79,10 +89,11 @@ def updated_best(best: dict[str, Any], config: SessionConfig, scored: ScoredGene
                 best_natural_stimulus_id=scored.stimuli[j].stimulus_id,
                 best_natural_score=float(scores[j]),
             )
-    best.update(
-        last_generation_mean=float(synthetic_scores.mean()),
-        last_generation_max=float(synthetic_scores.max()),
-    )
+    if synthetic:
+        best.update(
+            last_generation_mean=float(synthetic_scores.mean()),
+            last_generation_max=float(synthetic_scores.max()),
+        )
     return best
 
 
@@ -99,8 +110,16 @@ def generation_summary(
         "latent_mean": [float(v) for v in scored.latents.mean(axis=0)],
         **{f"optimizer_{k}": v for k, v in trajectory.items()},
     }
-    natural_positions = scored.natural_positions
-    if natural_positions:
-        summary["natural_mean"] = float(scored.scores[natural_positions].mean())
-        summary["natural_max"] = float(scored.scores[natural_positions].max())
+    summary.update(natural_summary(scored))
     return summary
+
+
+def natural_summary(scored: ScoredGeneration) -> dict[str, Any]:
+    """Objective statistics of the generation's natural references (empty without any)."""
+    natural_positions = scored.natural_positions
+    if not natural_positions:
+        return {}
+    return {
+        "natural_mean": float(scored.scores[natural_positions].mean()),
+        "natural_max": float(scored.scores[natural_positions].max()),
+    }

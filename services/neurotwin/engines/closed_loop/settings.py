@@ -58,6 +58,10 @@ class SessionConfig:
     description: str = ""
     # Subject, device and session metadata for exports (RecordingMetadata.to_dict(): given fields only).
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Confirmation re-presentations in the last generation (closed_loop.confirmation); 0: none, which
+    # is also what sessions journaled before confirmation existed load with.
+    confirm_top: int = 0
+    confirm_repeats: int = 0
     # sha256 of the create request (minus the id), so a retried create can be told from a clash.
     fingerprint: str = ""
 
@@ -74,6 +78,10 @@ class SessionConfig:
         """Latents sampled per generation (the population, times the twin's pre-screening factor)."""
         factor = self.candidates_per_presentation if self.twin else 1
         return self.population_size * max(1, factor)
+
+    def is_confirmation(self, generation: int) -> bool:
+        """Whether ``generation`` re-presents top candidates instead of proposing new ones."""
+        return self.confirm_top > 0 and self.max_generations > 0 and generation == self.max_generations - 1
 
 
 @dataclass
@@ -105,6 +113,12 @@ class SessionRequest:
     description: str = ""
     # RecordingMetadata fields by name (see engines.session_metadata); checked at creation.
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Confirmation: ``confirm_requested`` when the caller said anything about it (else the defaults'
+    # rule decides), ``confirm_disabled`` to switch it off; 0 top/repeats: the defaults.
+    confirm_requested: bool = False
+    confirm_disabled: bool = False
+    confirm_top: int = 0
+    confirm_repeats: int = 0
 
     def fingerprint(self) -> str:
         data = asdict(self)
@@ -113,6 +127,11 @@ class SessionRequest:
             # Requests without metadata keep the fingerprint they had before the field existed, so a
             # retried create of a session journaled by an older server still matches it.
             data.pop("metadata")
+        confirmation = ("confirm_requested", "confirm_disabled", "confirm_top", "confirm_repeats")
+        if not any(data[k] for k in confirmation):
+            # Likewise for requests that say nothing about confirmation.
+            for key in confirmation:
+                data.pop(key)
         images = data.pop("natural_images")
         digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
         for image in images:

@@ -19,6 +19,8 @@ class Stimulus:
     natural_name: str = ""
     predicted_rates: list[float] = field(default_factory=list)
     predicted_score: float | None = None
+    # For a confirmation re-presentation: the stimulus id of the image's first presentation.
+    repeat_of: str = ""
 
 
 @dataclass
@@ -83,4 +85,7 @@ def empty_best() -> dict[str, Any]:
         "best_natural_score": float("nan"),
         "last_generation_mean": float("nan"),
         "last_generation_max": float("nan"),
+        # Set by the confirmation generation (closed_loop.confirmation.confirmed_summary).
+        "confirmed": {},
+        "confirmation_candidates": [],
     }

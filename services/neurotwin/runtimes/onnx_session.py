@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,11 +64,18 @@ class PredictorSession:
     name); thread-safe."""
 
     def __init__(
-        self, model_path: str | os.PathLike[str], card: PredictorCard, settings: SessionSettings
+        self,
+        model_path: str | os.PathLike[str],
+        card: PredictorCard,
+        settings: SessionSettings,
+        outputs: Sequence[int] | None = None,
     ) -> None:
+        """``outputs``: compute only these output columns (the ONNX graph pruned to what they depend
+        on, ``onnx_torch.prune_outputs``); ``run`` then returns [N, len(outputs)] in that order."""
         ort = _ort()
         self.card = card
         self.path = Path(model_path)
+        self.outputs = None if outputs is None else tuple(int(o) for o in outputs)
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(0, settings.intra_op_threads)
         options.inter_op_num_threads = max(0, settings.inter_op_threads)
@@ -78,9 +86,12 @@ class PredictorSession:
             options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         requested = choose_providers(settings)
+        model: str | bytes = str(self.path)
+        if self.outputs is not None:
+            model = _pruned_model_bytes(self.path, self.outputs)
         try:
             self._session: object | None = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=requested
+                model, sess_options=options, providers=requested
             )
         except Exception as exc:
             raise ModelStoreError(f"{self.path}: ONNX Runtime cannot load it ({exc})") from exc
@@ -117,7 +128,7 @@ class PredictorSession:
         self.height = card.input.height
         self.width = card.input.width
         self.channels = card.input.channels
-        self.neurons = card.neuron_count
+        self.neurons = card.neuron_count if self.outputs is None else len(self.outputs)
 
     def check(self, images: np.ndarray, what: str = "images") -> np.ndarray:
         """The batch as a contiguous uint8 [N, H, W, C] array, or InvalidInput saying what is off."""
@@ -176,3 +187,16 @@ class PredictorSession:
     def close(self) -> None:
         # Dropping the session releases its memory (GPU memory included) once no run holds it.
         self._session = None
+
+
+def _pruned_model_bytes(path: Path, outputs: tuple[int, ...]) -> bytes:
+    """The model at ``path`` cut to the output columns ``outputs``, serialized for ONNX Runtime."""
+    import onnx
+
+    from neurotwin.runtimes.onnx_torch import prune_outputs
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise ModelStoreError(f"{path}: not a readable ONNX model ({exc})") from exc
+    return bytes(prune_outputs(model, outputs).model.SerializeToString())

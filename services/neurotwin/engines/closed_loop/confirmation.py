@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from neurotwin.engines.journal import SYNTHETIC, ResponseRecord, StimulusRecord
+from neurotwin.engines.closed_loop.presentation import Naturals, lay_out_confirmation
+from neurotwin.engines.closed_loop.settings import SessionConfig
+from neurotwin.engines.journal import SYNTHETIC, Journal, ResponseRecord, StimulusRecord
 from neurotwin.engines.objectives import objective_scores
 from neurotwin.errors import InvalidInput
 
@@ -152,3 +154,35 @@ def confirmed_summary(
     # Best first; ties keep the order of first presentation (deterministic).
     entries.sort(key=lambda e: (-e["mean_score"], e["generation"], e["stimulus_id"]))
     return {"confirmed": entries[0] if entries else {}, "confirmation_candidates": entries}
+
+
+def confirmation_generation(
+    journal: Journal, config: SessionConfig, generation: int, naturals: Naturals
+) -> tuple[list[StimulusRecord], dict[str, Any]]:
+    """The confirmation generation's stimuli and journaled meta, from everything told before it."""
+    sid = config.session_id
+    candidates = top_candidates(
+        journal.stimuli(sid, with_images=False),
+        journal.responses(sid),
+        config.target_neurons,
+        config.objective,
+        config.confirm_top,
+    )
+    wanted = {(c.stimulus.generation, c.stimulus.index) for c in candidates}
+    images = {
+        (s.generation, s.index): s
+        for g in sorted({c.stimulus.generation for c in candidates})
+        for s in journal.stimuli(sid, g)
+        if (s.generation, s.index) in wanted
+    }
+    originals = [images[(c.stimulus.generation, c.stimulus.index)] for c in candidates]
+    slots = repetition_order(config.seed, generation, len(originals), config.confirm_repeats)
+    stimuli, repeat_of = lay_out_confirmation(config, generation, originals, slots, naturals)
+    meta: dict[str, Any] = {
+        "confirmation": True,
+        "synthetic_positions": [],
+        "repeat_of": repeat_of,
+        # Each candidate's first presentation: generation and the measured objective it was picked by.
+        "confirm_first": {c.stimulus.stimulus_id: [c.stimulus.generation, c.first_score] for c in candidates},
+    }
+    return stimuli, meta

@@ -15,20 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from neurotwin.engines.closed_loop.confirmation import (
-    confirmed_summary,
-    repetition_order,
-    top_candidates,
-)
+from neurotwin.engines.closed_loop.confirmation import confirmation_generation, confirmed_summary
 from neurotwin.engines.closed_loop.creation import new_driver, resolve_session
 from neurotwin.engines.closed_loop.driver import OptimizerDriver, latent_prior
+from neurotwin.engines.closed_loop.guidance import guidance_outputs
 from neurotwin.engines.closed_loop.models import SessionModels
 from neurotwin.engines.closed_loop.presentation import (
     Naturals,
     Synthetic,
     choose_presented,
     lay_out,
-    lay_out_confirmation,
     natural_indices,
     natural_order,
 )
@@ -74,7 +70,7 @@ from neurotwin.errors import (
     ReplayMismatch,
     ResourceExhausted,
 )
-from neurotwin.imagecodec import decode_image
+from neurotwin.imagecodec import decode_image, resize_batch
 from neurotwin.runtimes.onnx_session import SessionSettings
 from neurotwin.store import ModelStore
 
@@ -201,7 +197,7 @@ class ClosedLoopEngine:
         live = LiveSession(record, config)
         live.generator = self.models.generator(config.generator, config.generator_version)
         if config.twin:
-            live.twin = self.models.twin(config.twin, config.twin_version)
+            live.twin = self.models.twin(config.twin, config.twin_version, guidance_outputs(config))
         live.driver = OptimizerDriver(config, latent_prior(live.generator))
         live.driver.load(self.journal.optimizer_state(session_id))
         if config.natural_count:
@@ -323,17 +319,20 @@ class ClosedLoopEngine:
         }
         from neurotwin.engines.render import render_stimuli
 
-        pixels = render_stimuli(live.generator, candidates, cfg.image_size)
+        # Candidates are rendered at the generator's resolution; the twin resizes them once to its
+        # input, and only the presented ones are resized to the session's image size and encoded.
+        native = render_stimuli(live.generator, candidates, cfg.generator_resolution)
         predicted: np.ndarray | None = None
         guide = np.zeros(len(candidates))
         if live.twin is not None:
-            predicted = live.twin.predict(pixels)
+            predicted = live.twin.predict(native)
             guide, ranking = live.guide.scores(predicted.astype(np.float64))
             meta.update(ranking)
         chosen, choice = choose_presented(guide, cfg.population_size)
         meta.update(choice)
+        shown = resize_batch(native[chosen], cfg.image_size, cfg.image_size)
         stimuli, synthetic_positions = lay_out(
-            cfg, g, Synthetic(candidates, pixels, chosen, predicted, guide), self._naturals(live, g)
+            cfg, g, Synthetic(candidates, shown, chosen, predicted, guide), self._naturals(live, g)
         )
         meta["synthetic_positions"] = synthetic_positions
         self._journal_generation(
@@ -361,38 +360,9 @@ class ClosedLoopEngine:
         live.pending = Pending(record, stimuli, {}, record.meta["synthetic_positions"])
 
     def _propose_confirmation(self, live: LiveSession) -> None:
-        """The confirmation generation: the best distinct images so far, re-presented (see
-        ``closed_loop.confirmation``)."""
-        cfg = live.config
+        """The confirmation generation: the best distinct images so far, re-presented."""
         g = live.record.generation
-        sid = cfg.session_id
-        told = self.journal.responses(sid)
-        candidates = top_candidates(
-            self.journal.stimuli(sid, with_images=False),
-            told,
-            cfg.target_neurons,
-            cfg.objective,
-            cfg.confirm_top,
-        )
-        wanted = {(c.stimulus.generation, c.stimulus.index) for c in candidates}
-        images = {
-            (s.generation, s.index): s
-            for generation in sorted({c.stimulus.generation for c in candidates})
-            for s in self.journal.stimuli(sid, generation)
-            if (s.generation, s.index) in wanted
-        }
-        originals = [images[(c.stimulus.generation, c.stimulus.index)] for c in candidates]
-        slots = repetition_order(cfg.seed, g, len(originals), cfg.confirm_repeats)
-        stimuli, repeat_of = lay_out_confirmation(cfg, g, originals, slots, self._naturals(live, g))
-        meta: dict[str, Any] = {
-            "confirmation": True,
-            "synthetic_positions": [],
-            "repeat_of": repeat_of,
-            # Each candidate's first presentation: generation and the measured objective it was picked by.
-            "confirm_first": {
-                c.stimulus.stimulus_id: [c.stimulus.generation, c.first_score] for c in candidates
-            },
-        }
+        stimuli, meta = confirmation_generation(self.journal, live.config, g, self._naturals(live, g))
         self._journal_generation(
             live, GenerationRecord(generation=g, created=time.time(), meta=meta), stimuli
         )

@@ -73,26 +73,68 @@ def fit_readout(features: np.ndarray, targets: np.ndarray) -> Readout | None:
     return Readout(mean, scale, coef, y_mean, alpha, pearson(y - loo_residual, y), n)
 
 
+# Candidates scored per ONNX Runtime call: one call for a usual generation (400), bounded memory for
+# the largest (MAX_CANDIDATES at 112 px is 750 MB of uint8 input in one piece).
+SCORE_BATCH = 1024
+
+
 class Twin:
     """A validated predictor version from the model registry, run with ONNX Runtime on uint8 images of
     any size. Each ``predict`` checks the version out for the call only, so a version the registry
-    retires is released once the call ends, and a later call gets it again on demand."""
+    retires is released once the call ends, and a later call gets it again on demand.
 
-    def __init__(self, registry: ModelRegistry, name: str, version: int | None) -> None:
+    With ``outputs`` it runs its own copy of the graph pruned to those output columns (what a
+    session's objective reads; ``PredictorSession(outputs=)``), still checked out per call, and
+    ``predict`` returns every output, NaN where not computed, so journaled predictions keep one layout.
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        name: str,
+        version: int | None,
+        outputs: tuple[int, ...] | None = None,
+    ) -> None:
+        from neurotwin.runtimes.onnx_session import PredictorSession
+
         self.registry = registry
         with registry.acquire_pinned(name, version or None) as loaded:
             self.version = loaded.model
             self.card = loaded.card
+        self.outputs = outputs
+        self.pruned: PredictorSession | None = None
+        if outputs is not None:
+            self.pruned = PredictorSession(
+                self.version.model_path, self.card, registry.settings.session, outputs=outputs
+            )
 
     @property
     def neurons(self) -> int:
         return self.card.neuron_count
 
-    def predict(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    def predict(self, images: np.ndarray, batch: int = SCORE_BATCH) -> np.ndarray:
+        """float32 [N, neurons] for uint8 images [N, H, W, 3] of any size (resized to the twin's input)."""
         images = resize_batch(images, self.card.input.height, self.card.input.width)
         with self.registry.acquire_pinned(self.version.name, self.version.version) as loaded:
-            parts = [loaded.session.run(images[i : i + batch]) for i in range(0, len(images), batch)]
-        return np.concatenate(parts, axis=0).astype(np.float32)
+            session = self.pruned or loaded.session
+            parts = [session.run(images[i : i + batch]) for i in range(0, len(images), batch)]
+        rates = np.concatenate(parts, axis=0).astype(np.float32)
+        if self.outputs is None:
+            return rates
+        full = np.full((len(rates), self.neurons), np.nan, dtype=np.float32)
+        full[:, list(self.outputs)] = rates
+        return full
+
+
+def guidance_outputs(config: SessionConfig) -> tuple[int, ...] | None:
+    """The twin outputs a session's guidance reads, when that is fewer than all of them.
+
+    The refit readout and the contrast objective read every output; the mean objective only the
+    twin neurons of the targets.
+    """
+    if config.refit_readout or config.objective == "contrast":
+        return None
+    return tuple(sorted(set(config.twin_neurons)))
 
 
 def twin_objective(config: SessionConfig, predicted: np.ndarray) -> np.ndarray:

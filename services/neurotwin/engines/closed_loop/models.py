@@ -24,7 +24,7 @@ class SessionModels:
         self.device = device
         self._own_registry = own_registry
         self._lock = threading.Lock()
-        self._twins: dict[tuple[str, int], Twin] = {}
+        self._twins: dict[tuple[str, int, tuple[int, ...] | None], Twin] = {}
 
     def checkout_generator(self, name: str, version: int | None) -> tuple[int, Any]:
         """The version (newest validated when None or 0) and its module. Generators hold no resource
@@ -35,10 +35,16 @@ class SessionModels:
     def generator(self, name: str, version: int) -> Any:
         return self.checkout_generator(name, version)[1]
 
-    def twin(self, name: str, version: int | None) -> Twin:
-        """The twin of ``version`` (the newest validated one when None or 0)."""
-        twin = Twin(self.registry, name, version)
-        key = (name, twin.version.version)
+    def twin(self, name: str, version: int | None, outputs: tuple[int, ...] | None = None) -> Twin:
+        """The twin of ``version`` (the newest validated one when None or 0), pruned to ``outputs``
+        when given; one per (name, version, outputs)."""
+        if version:
+            with self._lock:
+                cached = self._twins.get((name, version, outputs))
+            if cached is not None:
+                return cached
+        twin = Twin(self.registry, name, version, outputs)
+        key = (name, twin.version.version, outputs)
         with self._lock:
             return self._twins.setdefault(key, twin)
 

@@ -42,7 +42,8 @@ def natural_indices(order: np.ndarray, generation: int, per_generation: int) -> 
 
 @dataclass
 class Synthetic:
-    """A generation's rendered candidates and what the twin made of them (None without a twin)."""
+    """A generation's candidates, the images of those presented (``pixels[j]`` shows candidate
+    ``chosen[j]``, at the session's image size), and what the twin made of them (None without one)."""
 
     latents: np.ndarray
     pixels: np.ndarray
@@ -76,7 +77,7 @@ def lay_out(
         stimulus_id = f"g{g:04d}-s{position:03d}"
         if item < population:
             c = int(synthetic.chosen[item])
-            image = encode_stimulus(synthetic.pixels[c], config.image_format)
+            image = encode_stimulus(synthetic.pixels[item], config.image_format)
             synthetic_positions[item] = position
             stimuli.append(
                 StimulusRecord(

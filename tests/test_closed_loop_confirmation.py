@@ -153,7 +153,7 @@ def _run_to_end(client: ClosedLoopClient, sid: str) -> list[PendingGeneration]:
 def test_session_confirms_its_top_candidates(store_root: Path, tmp_path: Path) -> None:  # noqa: F811
     server, _ = _start_server(store_root, str(tmp_path / "journal.sqlite3"))
     try:
-        with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+        with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=120) as client:
             naturals = [natural_png(i) for i in range(3)]
             info = client.create_session(
                 neuron_count=NEURONS,
@@ -262,7 +262,7 @@ def test_confirmation_survives_sigkill(store_root: Path, tmp_path: Path) -> None
     }
     server = ServerProcess(store_root, journal, tmp_path / "server.log")
     try:
-        with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+        with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=120) as client:
             sid = client.create_session(**request).session_id
             for _ in range(3):
                 gen = client.ask(sid)
@@ -276,7 +276,7 @@ def test_confirmation_survives_sigkill(store_root: Path, tmp_path: Path) -> None
 
     server = ServerProcess(store_root, journal, tmp_path / "server.log")
     try:
-        with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+        with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=120) as client:
             resumed = client.ask(sid)
             assert [(s.stimulus_id, s.sha256, s.repeat_of) for s in resumed.stimuli] == [
                 (s.stimulus_id, s.sha256, s.repeat_of) for s in pending.stimuli
@@ -307,7 +307,7 @@ def test_confirmation_survives_sigkill(store_root: Path, tmp_path: Path) -> None
 def test_confirmation_without_an_end_is_refused(store_root: Path, tmp_path: Path) -> None:  # noqa: F811
     server, _ = _start_server(store_root, str(tmp_path / "journal.sqlite3"))
     try:
-        with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+        with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=120) as client:
             with pytest.raises(InvalidInput, match="needs max_generations") as exc:
                 client.create_session(neuron_count=NEURONS, confirmation=True)
             assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -291,6 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-rev", default="", help="git revision to compare guided Asks with")
     parser.add_argument("--ask-rounds", type=int, default=3, help="alternating rounds per code version")
     parser.add_argument("--ask-threads", type=int, default=1, help="twin threads for --ask-latency")
+    parser.add_argument(
+        "--ask-per-neuron",
+        type=int,
+        default=0,
+        help="--ask-latency with a per-neuron twin of this many neurons (bench/_pruning_bench.py: one "
+        "compact conv net per neuron, as third-party twins are built) instead of --twin",
+    )
     parser.add_argument("--ask-worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_closed_loop.json"))
     args = parser.parse_args(argv)
@@ -525,6 +532,17 @@ def ask_latency(args: argparse.Namespace) -> int:
         subprocess.run(["tar", "-x", "-C", str(scratch)], input=archive, check=True)
         versions[f"baseline {args.baseline_rev}"] = str(scratch / "services")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    if args.ask_per_neuron:
+        # A store with the bundled generators and a per-neuron twin the guided session reads one
+        # output of: the case output pruning is for.
+        sys.path.insert(0, str(ROOT / "services"))
+        from _pruning_bench import write_per_neuron_twin
+
+        store = scratch / "store"
+        store.mkdir()
+        (store / "generators").symlink_to(Path(args.model_store).resolve() / "generators")
+        args.twin = write_per_neuron_twin(store, args.ask_per_neuron).name
+        args.model_store = str(store)
     timings: dict[str, dict[str, list[float]]] = {name: {"wall_ms": [], "cpu_ms": []} for name in versions}
     worker_args = [
         "--model-store", args.model_store, "--twin", args.twin, "--generator", args.generator,

@@ -541,7 +541,7 @@ def test_sigkill_mid_session_and_restart(store_root: Path, tmp_path: Path) -> No
     }
     server = ServerProcess(store_root, journal, log)
     try:
-        with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+        with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=120) as client:
             sid = _create(client, **request)
             for _ in range(3):
                 gen = client.ask(sid)
@@ -555,7 +555,7 @@ def test_sigkill_mid_session_and_restart(store_root: Path, tmp_path: Path) -> No
 
     server = ServerProcess(store_root, journal, log)
     try:
-        with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+        with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=120) as client:
             info = client.get_session(sid)
             assert (info.generation, info.pending, info.presentations_told) == (3, True, 3 * POPULATION + 3)
             resumed = client.ask(sid)

@@ -17,7 +17,7 @@ from neurotwin.server import closed_loop as service
 from neurotwin.server.common import GrpcServer
 from neurotwin.server.config import ServerSettings
 
-from tests.test_closed_loop import GENERATOR, NEURONS
+from tests._closed_loop import GENERATOR, NEURONS
 
 TOKEN = "dashboard-test-token"
 

@@ -25,39 +25,19 @@ from neurotwin.client.closed_loop import ClosedLoopClient, PendingGeneration
 from neurotwin.engines.closed_loop import ClosedLoopEngine, SessionRequest, ToldResponse
 from neurotwin.engines.journal import SqliteJournal, open_journal
 from neurotwin.errors import FailedPrecondition, InvalidInput, NeurotwinError, NotFound, ResourceExhausted
-from neurotwin.server import closed_loop as service
 from neurotwin.server.common import GrpcServer
-from neurotwin.server.config import ServerSettings
-from neurotwin.store import GENERATORS, ModelStore
+from neurotwin.store import ModelStore
 from PIL import Image
 
-from tests._models import make_predictor
-from tests.test_journal import postgres_url  # noqa: F401 - fixture
+from tests._closed_loop import GENERATOR, NEURONS, TWIN, natural_png
+from tests._closed_loop import start_server as _start_server
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATOR = "tiny-gan"
-TWIN = "tiny"
-NEURONS = 5
 POPULATION = 6
 
 
 # ------------------------------------------------------------------------------------------------
 # Fixtures
-
-
-@pytest.fixture(scope="module")
-def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model store with a tiny DCGAN (8-d latent, 16 px) and a tiny 5-neuron ONNX twin (32 px)."""
-    import torch
-    from neurotwin.runtimes.generators import DCGANGenerator, save_generator
-
-    root = tmp_path_factory.mktemp("store")
-    torch.manual_seed(0)
-    generator = DCGANGenerator(latent_dim=8, resolution=16, width=8)
-    with ModelStore(root).new_version(GENERATORS, GENERATOR) as folder:
-        save_generator(generator, folder, GENERATOR, description="tiny test generator")
-    make_predictor(root, TWIN, neurons=NEURONS, size=32)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +52,6 @@ def natural_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
             archive.writestr(f"img{i:02d}.png", buffer.getvalue())
         archive.writestr("readme.txt", "not an image")
     return path
-
-
-def _start_server(store_root: Path, journal: str, **settings: object) -> tuple[GrpcServer, ClosedLoopEngine]:
-    server = GrpcServer(ServerSettings(port=0, metrics_port=0, grace_seconds=2))
-    options = {"default_generator": GENERATOR, "max_sessions": 4, **settings}
-    engine = service.attach(server, service.Settings(model_store=str(store_root), journal=journal, **options))
-    server.start()
-    return server, engine
 
 
 @dataclass
@@ -374,13 +346,6 @@ def test_export_nwb_and_hdf5(served: Served, tmp_path: Path) -> None:
         client.export_session(sid, tmp_path / "x.csv", format="csv")
 
 
-def natural_png(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_metrics(served: Served) -> None:
     server, client = served.server, served.client
     sid = _create(client, seed=1)
@@ -455,7 +420,7 @@ def test_restart_resumes_exactly(store_root: Path, tmp_path: Path, optimizer: st
     assert second.get_session("s").best == reference.get_session("s").best
 
 
-def test_postgres_replicas_share_sessions(store_root: Path, postgres_url: str) -> None:  # noqa: F811
+def test_postgres_replicas_share_sessions(store_root: Path, postgres_url: str) -> None:
     """Two engines on one PostgreSQL journal act as replicas: any call may land on either."""
     store = ModelStore(store_root)
     a = ClosedLoopEngine(store, open_journal(postgres_url), default_generator=GENERATOR)

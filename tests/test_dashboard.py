@@ -27,15 +27,15 @@ from neurotwin.reports.session_summary import summarize_session
 from neurotwin.server.dashboard_auth import COOKIE, CookieAuth
 from PIL import Image
 
+from tests._closed_loop import NEURONS, natural_png
 from tests._dashboard import TOKEN, Served, dashboard_server, tell_generation
-from tests.test_closed_loop import NEURONS, natural_png, store_root  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = '<script>alert("x")</script>'
 
 
 @pytest.fixture(scope="module")
-def served(store_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:  # noqa: F811
+def served(store_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     journal = tmp_path_factory.mktemp("dashboard") / "journal.sqlite3"
     with dashboard_server(store_root, journal) as served:
         yield served
@@ -179,7 +179,7 @@ def test_cookies_expire_and_follow_the_token_list() -> None:
         auth.issue("gamma")
 
 
-def test_without_tokens_the_dashboard_is_open(store_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_without_tokens_the_dashboard_is_open(store_root: Path, tmp_path: Path) -> None:
     with dashboard_server(store_root, tmp_path / "journal.sqlite3", token=None) as served:
         served.client.create_session(
             session_id="open", neuron_count=NEURONS, target_neurons=[0], population_size=4

@@ -17,8 +17,8 @@ from neurotwin.reports.session_report import NATURAL_COLOR, SYNTHETIC_COLOR
 from PIL import Image
 
 from tests._chromium import HeadlessChromium, chromium_path
+from tests._closed_loop import NEURONS, natural_png
 from tests._dashboard import TOKEN, Served, dashboard_server, tell_generation
-from tests.test_closed_loop import NEURONS, natural_png, store_root  # noqa: F401 - fixture
 
 HOSTILE = '<img src=x onerror="window.pwned=1">'
 # Collects Content-Security-Policy violations of every document (CDP scripts are exempt from CSP).
@@ -81,7 +81,7 @@ def _session(served: Served, session_id: str, description: str = "", generations
 
 
 def test_dashboard_in_chromium(
-    store_root: Path,  # noqa: F811
+    store_root: Path,
     tmp_path: Path,
     browser: HeadlessChromium,
 ) -> None:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,44 +24,6 @@ from neurotwin.engines.journal import (
     open_journal,
 )
 from neurotwin.errors import NotFound
-
-# Trust-auth PostgreSQL on loopback by default; NEUROTWIN_TEST_POSTGRES overrides (empty: skip).
-POSTGRES_URL = os.environ.get("NEUROTWIN_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
-
-
-def postgres_skip_reason() -> str | None:
-    """Why PostgreSQL tests cannot run here, or None when they can."""
-    if not POSTGRES_URL:
-        return "NEUROTWIN_TEST_POSTGRES is empty"
-    try:
-        import psycopg
-    except ImportError:
-        return "psycopg 3 is not installed (pip install 'psycopg[binary]')"
-    try:
-        with psycopg.connect(POSTGRES_URL, connect_timeout=3) as conn:
-            conn.execute("SELECT 1")
-    except Exception as exc:
-        return f"PostgreSQL at {POSTGRES_URL} is not reachable ({type(exc).__name__}: {exc})"
-    return None
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A URL whose search_path is a fresh schema, dropped afterwards."""
-    reason = postgres_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    import psycopg
-
-    schema = f"nt_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    separator = "&" if "?" in POSTGRES_URL else "?"
-    try:
-        yield f"{POSTGRES_URL}{separator}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -17,7 +17,8 @@ from neurotwin.errors import InvalidInput
 from neurotwin.server.closed_loop import metadata_dict
 from neurotwin.server.common import GrpcServer
 
-from tests.test_closed_loop import NEURONS, _start_server, natural_png, store_root  # noqa: F401 - fixture
+from tests._closed_loop import NEURONS, natural_png
+from tests._closed_loop import start_server as _start_server
 
 nwbinspector = pytest.importorskip("nwbinspector")
 
@@ -44,7 +45,7 @@ SERIOUS = {"CRITICAL", "BEST_PRACTICE_VIOLATION", "PYNWB_VALIDATION", "ERROR"}
 
 
 @pytest.fixture
-def served(store_root: Path, tmp_path: Path) -> Iterator[tuple[GrpcServer, ClosedLoopClient, Path]]:  # noqa: F811
+def served(store_root: Path, tmp_path: Path) -> Iterator[tuple[GrpcServer, ClosedLoopClient, Path]]:
     journal = tmp_path / "journal.sqlite3"
     server, _ = _start_server(store_root, str(journal))
     client = ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=30, retries=2, retry_delay=0.05)

@@ -22,7 +22,8 @@ from neurotwin.reports.session_summary import summarize_session
 from neurotwin.server.common import GrpcServer
 from PIL import Image
 
-from tests.test_closed_loop import GENERATOR, NEURONS, TWIN, _start_server, natural_png, store_root  # noqa: F401
+from tests._closed_loop import GENERATOR, NEURONS, TWIN, natural_png
+from tests._closed_loop import start_server as _start_server
 
 HOSTILE = '<script>alert("x")</script> & Co'
 
@@ -76,7 +77,7 @@ def _not_blank(path: Path) -> np.ndarray:
 
 
 @pytest.fixture
-def session(store_root: Path, tmp_path: Path) -> Iterator[tuple[ClosedLoopClient, Path, str]]:  # noqa: F811
+def session(store_root: Path, tmp_path: Path) -> Iterator[tuple[ClosedLoopClient, Path, str]]:
     journal = tmp_path / "journal.sqlite3"
     server: GrpcServer
     server, _ = _start_server(store_root, str(journal))
@@ -167,7 +168,7 @@ def test_report_from_an_hdf5_export_matches_the_journal(
 
 
 def test_rig_sim_report_in_process_and_against_a_server(
-    store_root: Path,  # noqa: F811
+    store_root: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -57,7 +57,15 @@ def _request(model: str, **kw: object) -> pb.SynthesizeRequest:
 
 
 def test_ensemble_twin_synthesizes_on_agreeing_members(store: Path) -> None:
-    service = SynthesizerService(Settings(model_store=str(store), device="cpu"), start=False)
+    # By default the members' mean is synthesized for (it transferred best); soft-min on request.
+    default = SynthesizerService(Settings(model_store=str(store), device="cpu"), start=False)
+    try:
+        loaded, request = default.build(_request("ens", budget=3))
+        assert loaded.pair.twin.member_count == 3 and isinstance(request.objective, Neuron)
+    finally:
+        default.stop()
+    settings = Settings(model_store=str(store), device="cpu", twin_members="softmin")
+    service = SynthesizerService(settings, start=False)
     try:
         loaded, request = service.build(_request("ens", budget=3))
         assert loaded.pair.twin.member_count == 3
@@ -118,7 +126,7 @@ def test_defaults_leave_explicit_choices_and_other_objectives_alone(store: Path)
         loaded, _ = service.build(_request("ens", budget=2))
     finally:
         service.stop()
-    defaults = TransferDefaults(init_candidates=32, clip_norm=1.0, blur=0.05)
+    defaults = TransferDefaults(init_candidates=32, clip_norm=1.0, blur=0.05, members="softmin")
     mine = SynthesisRequest(
         neuron(1), "gradient", init_candidates=8, transforms=False, gradient=GradientConfig(clip_norm=3.0)
     )

@@ -9,8 +9,10 @@ service builds, on top of what the request asks for:
   std), near where natural codes lie, so the generator keeps making images it was trained to make;
 - ``blur``: the robustness transforms also blur (largest sigma as a fraction of the image size);
 - ``members`` / ``member_temperature`` / ``member_disagreement``: on an ensemble twin (one whose card
-  names a ``member_output``), single-neuron objectives become :class:`Agreement` over the members,
-  with the soft-min temperature in units of the neuron's predicted maximum over natural images.
+  names a ``member_output``), single-neuron objectives become :class:`Agreement` over the members
+  (``softmin``/``min``, or a disagreement penalty), the soft-min temperature in units of the neuron's
+  predicted maximum over natural images; the default, ``mean`` without penalty, scores the members'
+  mean rate, which transferred best.
 
 Kept apart from the gRPC layer so the service, the CLI and the benchmark apply the same rules.
 """
@@ -33,7 +35,8 @@ class TransferDefaults:
     init_candidates: int = 0
     clip_norm: float = 0.0
     blur: float = 0.0
-    members: str = "softmin"
+    # Mean beat soft-min on both priors (BENCHMARKS.md, transfer): the ensemble's mean rate.
+    members: str = "mean"
     member_temperature: float = 0.1
     member_disagreement: float = 0.0
 

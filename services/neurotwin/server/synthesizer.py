@@ -157,7 +157,7 @@ FLAG_HELP = {
     "(default 0)",
     "gradient_blur": "largest blur sigma of the robustness transforms, as a fraction of the image size "
     "(default 0)",
-    "twin_members": "how an ensemble twin's members must agree: mean, softmin or min (default softmin)",
+    "twin_members": "how an ensemble twin's members must agree: mean, softmin or min (default mean)",
     "member_temperature": "soft-min temperature, in units of the neuron's natural maximum (default 0.1)",
     "member_disagreement": "penalty on the spread of an ensemble twin's members (default 0)",
     "amp": "bfloat16 autocast on CUDA (default false)",

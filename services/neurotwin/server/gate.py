@@ -64,21 +64,40 @@ class GateInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, server: GrpcServer) -> None:
         self._server = server
+        # method -> (the service's handler, our wrapped handler). A wrapped handler depends only on
+        # the method and its handler, so it is built once instead of on every call (closures, a new
+        # handler and metric label lookups cost about as much as the rest of a small Predict).
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None:
             return None
         method = details.method
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._build(handler, method))
+        wrapped = cached[1]
+        if method.startswith(HEALTH_PREFIX):
+            return wrapped
+        # Drain and tokens are checked on every call: they change while the server runs.
+        metadata = details.invocation_metadata
+        refusal = self._server.refusal(dict(metadata) if metadata else {})
+        if refusal is not None:
+            service, name = _split_method(method)
+            return self._refuse(handler, service, name, *refusal)
+        return wrapped
+
+    def _build(self, handler: Any, method: str) -> Any:
         kind = _kind(method, handler)
         if method.startswith(HEALTH_PREFIX):
-            return self._admit(handler, method, kind)
-        service, name = _split_method(method)
-        metadata = dict(details.invocation_metadata or ())
-        refusal = self._server.refusal(metadata)
-        if refusal is not None:
-            return self._refuse(handler, service, name, *refusal)
-        return self._wrap(handler, service, name, method, kind)
+            wrapped = self._admit(handler, method, kind)
+        else:
+            service, name = _split_method(method)
+            wrapped = self._wrap(handler, service, name, method, kind)
+        # Bounded: only methods some registered service answers get here (unknown ones return None).
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def _admit(self, handler: Any, method: str, kind: str) -> Any:
         """Health: only the slot budget (no auth, no drain refusal, no metrics)."""
@@ -129,16 +148,26 @@ class GateInterceptor(grpc.ServerInterceptor):
         slots = server.slots
         watchdog = server.watchdog
         streaming_requests = bool(handler.request_streaming)
+        # Metric children looked up once per method (labels() takes a lock and builds a key).
+        latency = metrics.latency.labels(service, name)
+        in_flight = metrics.in_flight.labels(service)
+        counted: dict[grpc.StatusCode, Any] = {}
+
+        def count(code: grpc.StatusCode) -> None:
+            child = counted.get(code)
+            if child is None:
+                child = counted[code] = metrics.requests.labels(service, name, code.name)
+            child.inc()
 
         def admit(context: grpc.ServicerContext) -> None:
             """Refuse (by aborting) a call from the probe socket or over its kind's budget."""
             if context.peer().startswith(UNIX_PEER_PREFIX):
                 # The probe socket skips TLS: only health checks may use it.
-                metrics.requests.labels(service, name, "PERMISSION_DENIED").inc()
+                count(grpc.StatusCode.PERMISSION_DENIED)
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, "only health checks on this socket")
             refused = slots.acquire(kind, method)
             if refused is not None:
-                metrics.requests.labels(service, name, "RESOURCE_EXHAUSTED").inc()
+                count(grpc.StatusCode.RESOURCE_EXHAUSTED)
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
 
         def finish(
@@ -156,16 +185,16 @@ class GateInterceptor(grpc.ServerInterceptor):
                 code = grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK
             if not context.is_active() and code == grpc.StatusCode.OK and error is None:
                 code = grpc.StatusCode.CANCELLED
-            metrics.requests.labels(service, name, code.name).inc()
-            metrics.latency.labels(service, name).observe(time.perf_counter() - started)
-            metrics.in_flight.labels(service).dec()
+            count(code)
+            latency.observe(time.perf_counter() - started)
+            in_flight.dec()
 
         def unary_response(behaviour: Callable) -> Callable:
             def call(request: Any, context: grpc.ServicerContext) -> Any:
                 admit(context)
                 started = time.perf_counter()
                 server.call_started()
-                metrics.in_flight.labels(service).inc()
+                in_flight.inc()
                 error: BaseException | None = None
                 activity: StreamActivity | None = None
                 if streaming_requests:
@@ -193,7 +222,7 @@ class GateInterceptor(grpc.ServerInterceptor):
                 admit(context)
                 started = time.perf_counter()
                 server.call_started()
-                metrics.in_flight.labels(service).inc()
+                in_flight.inc()
                 error: BaseException | None = None
                 activity = StreamActivity(method, _closer(context))
                 watchdog.watch(activity)

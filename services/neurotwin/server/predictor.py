@@ -128,25 +128,40 @@ def decode_images(
     expected = (spec.height, spec.width, spec.channels)
     # Nothing larger than the model's input can be valid, so refuse it from the header, undecoded.
     pixel_limit = min(max_pixels, spec.height * spec.width)
+    if len(images) == 1:
+        # The common single image goes to the runtime as a view on its request bytes (read-only),
+        # without the copy into a batch array.
+        return _decode_one(images[0], "image 0", loaded, expected, pixel_limit, max_pixels)[None]
     batch = np.empty((len(images), *expected), dtype=np.uint8)
     for i, image in enumerate(images):
-        what = f"image {i}"
-        kind = image.WhichOneof("data")
-        if kind == "encoded":
-            try:
-                array = decode_image(image.encoded, max_pixels=pixel_limit, what=what)
-            except InvalidInput as exc:
-                # Most refusals are photos of the wrong size or format: say what the model takes.
-                raise InvalidInput(f"{exc}; {_expected(loaded)}") from exc
-        elif kind == "raw":
-            array = raw_image(image.raw, what, max_pixels)
-        else:
-            raise InvalidInput(f"{what}: empty (set encoded or raw)")
-        if array.shape != expected:
-            height, width, channels = array.shape
-            raise InvalidInput(f"{what}: {height} x {width} x {channels} (H x W x C); {_expected(loaded)}")
-        batch[i] = array
+        batch[i] = _decode_one(image, f"image {i}", loaded, expected, pixel_limit, max_pixels)
     return batch
+
+
+def _decode_one(
+    image: pb.Image,
+    what: str,
+    loaded: LoadedVersion,
+    expected: tuple[int, int, int],
+    pixel_limit: int,
+    max_pixels: int,
+) -> np.ndarray:
+    """One request image -> uint8 [H, W, C] of the model's input size, or InvalidInput naming it."""
+    kind = image.WhichOneof("data")
+    if kind == "encoded":
+        try:
+            array = decode_image(image.encoded, max_pixels=pixel_limit, what=what)
+        except InvalidInput as exc:
+            # Most refusals are photos of the wrong size or format: say what the model takes.
+            raise InvalidInput(f"{exc}; {_expected(loaded)}") from exc
+    elif kind == "raw":
+        array = raw_image(image.raw, what, max_pixels)
+    else:
+        raise InvalidInput(f"{what}: empty (set encoded or raw)")
+    if array.shape != expected:
+        height, width, channels = array.shape
+        raise InvalidInput(f"{what}: {height} x {width} x {channels} (H x W x C); {_expected(loaded)}")
+    return array
 
 
 def raw_image(raw: pb.RawImage, what: str, max_pixels: int) -> np.ndarray:

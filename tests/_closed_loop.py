@@ -4,6 +4,12 @@ in-process server (the ``store_root`` fixture itself lives in conftest.py)."""
 from __future__ import annotations
 
 import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +22,7 @@ from PIL import Image
 
 from tests._models import make_predictor
 
+ROOT = Path(__file__).resolve().parents[1]
 GENERATOR = "tiny-gan"
 TWIN = "tiny"
 NEURONS = 5
@@ -47,3 +54,52 @@ def start_server(store_root: Path, journal: str, **settings: object) -> tuple[Gr
     engine = service.attach(server, service.Settings(model_store=str(store_root), journal=journal, **options))
     server.start()
     return server, engine
+
+
+class ServerProcess:
+    """``neurotwin serve closed-loop`` in a child process, on a port it picks and prints."""
+
+    def __init__(self, store_root: Path, journal: Path, log: Path) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.log = log
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "neurotwin.cli",
+                "serve",
+                "closed-loop",
+                "--port",
+                "0",
+                "--metrics-port",
+                "-1",
+                "--model-store",
+                str(store_root),
+                "--closed-loop-journal",
+                str(journal),
+                "--closed-loop-default-generator",
+                GENERATOR,
+                "--closed-loop-compute-threads",
+                "1",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log.open("ab"),
+            env=env,
+            cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 60
+        self.port = 0
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().decode()
+            if not line and self.proc.poll() is not None:
+                break
+            match = re.search(r"serving closed-loop on [\d.]+:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                return
+        raise AssertionError(f"server did not start: {log.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)

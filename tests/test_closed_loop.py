@@ -6,12 +6,7 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -29,7 +24,7 @@ from neurotwin.server.common import GrpcServer
 from neurotwin.store import ModelStore
 from PIL import Image
 
-from tests._closed_loop import GENERATOR, NEURONS, TWIN, natural_png
+from tests._closed_loop import GENERATOR, NEURONS, TWIN, ServerProcess, natural_png
 from tests._closed_loop import start_server as _start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -443,55 +438,6 @@ def test_postgres_replicas_share_sessions(store_root: Path, postgres_url: str) -
     finally:
         a.journal.close()
         b.journal.close()
-
-
-class ServerProcess:
-    """``neurotwin serve closed-loop`` in a child process, on a port it picks and prints."""
-
-    def __init__(self, store_root: Path, journal: Path, log: Path) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.log = log
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "neurotwin.cli",
-                "serve",
-                "closed-loop",
-                "--port",
-                "0",
-                "--metrics-port",
-                "-1",
-                "--model-store",
-                str(store_root),
-                "--closed-loop-journal",
-                str(journal),
-                "--closed-loop-default-generator",
-                GENERATOR,
-                "--closed-loop-compute-threads",
-                "1",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=log.open("ab"),
-            env=env,
-            cwd=ROOT,
-        )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 60
-        self.port = 0
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline().decode()
-            if not line and self.proc.poll() is not None:
-                break
-            match = re.search(r"serving closed-loop on [\d.]+:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                return
-        raise AssertionError(f"server did not start: {log.read_text()[-2000:]}")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
 
 
 def test_sigkill_mid_session_and_restart(store_root: Path, tmp_path: Path) -> None:

@@ -21,13 +21,8 @@ from neurotwin.engines.journal import NATURAL, SYNTHETIC, ResponseRecord, Sqlite
 from neurotwin.engines.session_import import read_hdf5
 from neurotwin.errors import InvalidInput
 
-from tests.test_closed_loop import (
-    NEURONS,
-    ServerProcess,
-    _start_server,
-    natural_png,
-    store_root,  # noqa: F401 - fixture
-)
+from tests._closed_loop import NEURONS, ServerProcess, natural_png
+from tests._closed_loop import start_server as _start_server
 
 POPULATION = 10
 
@@ -150,7 +145,7 @@ def _run_to_end(client: ClosedLoopClient, sid: str) -> list[PendingGeneration]:
     return generations
 
 
-def test_session_confirms_its_top_candidates(store_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_session_confirms_its_top_candidates(store_root: Path, tmp_path: Path) -> None:
     server, _ = _start_server(store_root, str(tmp_path / "journal.sqlite3"))
     try:
         with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=120) as client:
@@ -246,7 +241,7 @@ def test_session_confirms_its_top_candidates(store_root: Path, tmp_path: Path) -
         assert (trials["repeat_of"] != "").sum() == 12
 
 
-def test_confirmation_survives_sigkill(store_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_confirmation_survives_sigkill(store_root: Path, tmp_path: Path) -> None:
     """Killed halfway through telling the confirmation generation, a restarted server asks the same
     re-presentations and reports the same confirmed best as an uninterrupted run."""
     journal = tmp_path / "journal.sqlite3"
@@ -304,7 +299,7 @@ def test_confirmation_survives_sigkill(store_root: Path, tmp_path: Path) -> None
         stored.close()
 
 
-def test_confirmation_without_an_end_is_refused(store_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_confirmation_without_an_end_is_refused(store_root: Path, tmp_path: Path) -> None:
     server, _ = _start_server(store_root, str(tmp_path / "journal.sqlite3"))
     try:
         with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=120) as client:

@@ -440,6 +440,7 @@ def test_postgres_replicas_share_sessions(store_root: Path, postgres_url: str) -
         b.journal.close()
 
 
+@pytest.mark.slow  # a server in a child process, killed and restarted
 def test_sigkill_mid_session_and_restart(store_root: Path, tmp_path: Path) -> None:
     journal = tmp_path / "journal.sqlite3"
     log = tmp_path / "server.log"
@@ -516,6 +517,7 @@ def test_sigkill_mid_session_and_restart(store_root: Path, tmp_path: Path) -> No
 # rig-sim
 
 
+@pytest.mark.slow  # a whole rig simulation over gRPC
 def test_rig_sim_runs_a_session(store_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from neurotwin.cli import main
 

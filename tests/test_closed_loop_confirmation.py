@@ -241,6 +241,7 @@ def test_session_confirms_its_top_candidates(store_root: Path, tmp_path: Path) -
         assert (trials["repeat_of"] != "").sum() == 12
 
 
+@pytest.mark.slow  # a server in a child process, killed and restarted
 def test_confirmation_survives_sigkill(store_root: Path, tmp_path: Path) -> None:
     """Killed halfway through telling the confirmation generation, a restarted server asks the same
     re-presentations and reports the same confirmed best as an uninterrupted run."""

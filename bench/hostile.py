@@ -111,7 +111,7 @@ def build_store(folder: Path) -> tuple[Path, Path]:
 class Server:
     """``neurotwin serve all`` as a child process (so that it can be SIGKILLed)."""
 
-    def __init__(self, store: Path, journal: Path, naturals: Path, log: Path) -> None:
+    def __init__(self, store: Path, journal: Path, naturals: Path, log: Path, services: str = "all") -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "services"), env.get("PYTHONPATH", "")])
         command = [
@@ -119,7 +119,7 @@ class Server:
             "-m",
             "neurotwin.cli",
             "serve",
-            "all",
+            *services.split(),
             "--port",
             "0",
             "--metrics-port",
@@ -349,6 +349,7 @@ class KillReport:
     double_counted: int = 0
     corrupted: int = 0
     count_mismatch: int = 0
+    during: Counter[str] = field(default_factory=Counter)
     restarts_seconds: list[float] = field(default_factory=list)
 
 
@@ -363,19 +364,27 @@ def kill_loop(store: Path, naturals: Path, folder: Path, kills: int, seed: int) 
     report = KillReport()
     acked: dict[tuple[int, str], list[float]] = {}
     sid = "rig-kill"
-    server = Server(store, journal, naturals, log)
+    # Only the closed-loop service: restarts are quicker, and it is the one with a journal.
+    server = Server(store, journal, naturals, log, services="closed-loop")
     with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=30, retries=0) as client:
         client.create_session(
             session_id=sid, neuron_count=NEURONS, population_size=6, seed=3, max_generations=0
         )
     while report.kills < kills:
         stop = threading.Event()
+        # What the rig is waiting on ("ask" or "tell"), and that it has got at least one answer.
+        state = {"call": "connect"}
+        answered = threading.Event()
 
-        def rig(port: int, stop: threading.Event = stop) -> None:
+        def rig(
+            port: int, stop: threading.Event = stop, state: dict = state, answered: threading.Event = answered
+        ) -> None:
             with ClosedLoopClient(f"127.0.0.1:{port}", timeout=30, retries=0) as client:
                 while not stop.is_set():
                     try:
+                        state["call"] = "ask"
                         generation = client.ask(sid, omit_images=True)
+                        answered.set()
                         for start in range(0, len(generation.stimuli), 3):
                             part = generation.stimuli[start : start + 3]
                             # Values fixed per stimulus, so that re-telling one whose Tell was cut by a
@@ -383,7 +392,9 @@ def kill_loop(store: Path, naturals: Path, folder: Path, kills: int, seed: int) 
                             values = {
                                 s.stimulus_id: _rates_for(generation.generation, s.stimulus_id) for s in part
                             }
+                            state["call"] = "tell"
                             client.tell(sid, generation.generation, values, partial=True)
+                            answered.set()
                             # Acknowledged: it must survive any kill from now on.
                             for stimulus_id, rates in values.items():
                                 acked[(generation.generation, stimulus_id)] = [float(v) for v in rates]
@@ -392,13 +403,16 @@ def kill_loop(store: Path, naturals: Path, folder: Path, kills: int, seed: int) 
 
         thread = threading.Thread(target=rig, args=(server.port,), daemon=True)
         thread.start()
-        time.sleep(rng.uniform(0.05, 0.6))
+        # Once the rig is under way (its first answer), at a random moment: mostly mid-Ask or mid-Tell.
+        answered.wait(120)
+        time.sleep(rng.uniform(0.0, 1.5))
+        report.during[state["call"]] += 1
         server.kill()
         report.kills += 1
         stop.set()
         thread.join(30)
         started = time.monotonic()
-        server = Server(store, journal, naturals, log)
+        server = Server(store, journal, naturals, log, services="closed-loop")
         report.restarts_seconds.append(time.monotonic() - started)
         # What the restarted server says must match what the rig was told.
         with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=30, retries=0) as client:
@@ -479,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         "failures": tally.failures,
         "secret_in_server_log": SECRET in server_log,
         "kills": kill.kills,
+        "kills_while_waiting_on": dict(kill.during),
         "acknowledged_responses": kill.acknowledged,
         "lost": kill.lost,
         "double_counted": kill.double_counted,

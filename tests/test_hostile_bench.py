@@ -10,9 +10,12 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_attack_matrix_and_a_kill(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("hostile_bench", ROOT / "bench" / "hostile.py")
     assert spec is not None and spec.loader is not None

@@ -3,6 +3,7 @@
     python bench/hostile.py                  # the full matrix, fault injection and 30 kill -9s
     python bench/hostile.py --quick          # the matrix, fault injection and 1 kill -9 (CI)
     python bench/hostile.py --kills 50 --out runs/hostile.json
+    python bench/hostile.py --reload-only    # only the hot-reload stage (valid, corrupt, NaN versions)
 
 1. Bad inputs over every RPC (bench/_hostile_cases.py): each is one call that a careless or hostile
    client could make. Counted per outcome: refused with a client-fault status (good), accepted where a
@@ -16,6 +17,10 @@
    random moments and restarted on the same journal. Every acknowledged Tell must be in the journal
    exactly once with the values sent (no lost or double-counted response), and the session's counts
    must equal what the rig was told.
+4. Hot reload under load (bench/_hostile_reload.py): 32 threads call Predict on ``serve predictor``
+   while a valid, a corrupt (flipped weight bytes) and an all-NaN version are dropped into its store.
+   0 failed Predicts, 0 non-finite or wrong replies; the corrupt and NaN versions refused, the valid
+   one serving at the end.
 
 Prints one JSON summary (and writes it with ``--out``). Uses a tiny random twin and generator built in a
 temporary store; CPU only.
@@ -63,6 +68,7 @@ from bench._hostile_cases import (  # noqa: E402
     predictor_cases,
     synthesizer_cases,
 )
+from bench._hostile_reload import ReloadReport, build_reload_store, reload_stage  # noqa: E402
 
 CLIENT_FAULTS = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -111,7 +117,16 @@ def build_store(folder: Path) -> tuple[Path, Path]:
 class Server:
     """``neurotwin serve all`` as a child process (so that it can be SIGKILLed)."""
 
-    def __init__(self, store: Path, journal: Path, naturals: Path, log: Path, services: str = "all") -> None:
+    def __init__(
+        self,
+        store: Path,
+        journal: Path,
+        naturals: Path,
+        log: Path,
+        services: str = "all",
+        poll_seconds: float = 0,
+        metrics: bool = False,
+    ) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "services"), env.get("PYTHONPATH", "")])
         command = [
@@ -123,25 +138,27 @@ class Server:
             "--port",
             "0",
             "--metrics-port",
-            "-1",
+            "0" if metrics else "-1",
         ]
         command += ["--http-port", "0", "--model-store", str(store), "--closed-loop-journal", str(journal)]
         command += ["--closed-loop-default-generator", GENERATOR, "--closed-loop-natural-root", str(naturals)]
         command += ["--closed-loop-compute-threads", "1", "--synthesizer-default-generator", GENERATOR]
-        command += ["--synthesizer-device", "cpu", "--predictor-poll-seconds", "0", "--grace-seconds", "1"]
+        command += ["--synthesizer-device", "cpu", "--predictor-poll-seconds", f"{poll_seconds:g}"]
+        command += ["--grace-seconds", "1"]
         self.proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=log.open("ab"), env=env, cwd=ROOT
         )
-        self.port = self.http_port = 0
+        self.port = self.http_port = self.metrics_port = 0
         deadline = time.monotonic() + 120
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline().decode()
             if not line and self.proc.poll() is not None:
                 break
-            match = re.search(r"on [\d.]+:(\d+), HTTP on :(\d+)", line)
+            match = re.search(r"on [\d.]+:(\d+), HTTP on :(\d+)(?:, metrics on :(\d+))?", line)
             if match:
                 self.port, self.http_port = int(match.group(1)), int(match.group(2))
+                self.metrics_port = int(match.group(3) or 0)
                 return
         raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}")
 
@@ -458,33 +475,70 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="1 kill instead of 30 (CI)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 kill instead of 30, 1 s between reloads instead of 10 (CI)"
+    )
     parser.add_argument("--kills", type=int, default=None, help="kill -9s during Ask and Tell (default 30)")
+    parser.add_argument("--reload-only", action="store_true", help="run only the hot-reload stage")
+    parser.add_argument("--reload-clients", type=int, default=32, help="Predict threads during reloads")
+    parser.add_argument(
+        "--reload-hold", type=float, default=None, help="seconds of load around each reload (default 10)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="also write the JSON summary here")
     args = parser.parse_args(argv)
     kills = args.kills if args.kills is not None else (1 if args.quick else 30)
+    hold = args.reload_hold if args.reload_hold is not None else (1.0 if args.quick else 10.0)
     started = time.monotonic()
+    flags = [f for f, on in (("--quick", args.quick), ("--reload-only", args.reload_only)) if on]
+    summary: dict[str, Any] = {
+        "command": " ".join(["python bench/hostile.py", *flags]),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}",
+    }
+    bad = False
     with tempfile.TemporaryDirectory(prefix="neurotwin-hostile-") as tmp:
         folder = Path(tmp)
-        store, naturals = build_store(folder)
-        server = Server(store, folder / "journal.sqlite3", naturals, folder / "server.log")
-        tally = Tally()
-        try:
-            from neurotwin.client.closed_loop import ClosedLoopClient
+        if not args.reload_only:
+            summary.update(attack_stages(folder, kills, args.seed))
+            bad = bool(
+                summary["crashes"]
+                or summary["hangs"]
+                or summary["wrong_answers"]
+                or summary["lost"]
+                or summary["double_counted"]
+                or summary["corrupted"]
+                or summary["count_mismatches"]
+            )
+        reload = reload_under_load(folder, args.reload_clients, hold)
+        summary["hot_reload"] = reload.summary()
+        bad = bad or not reload.passed
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 1 if bad else 0
 
-            with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=60, retries=0) as client:
-                sid = client.create_session(neuron_count=NEURONS, population_size=4, seed=1).session_id
-                generation = client.ask(sid, omit_images=True)
-            run_matrix(server, tally, sid, generation.generation, generation.stimulus_ids)
-            fault_injection(server, tally, sid)
-        finally:
-            server.stop()
-            server_log = (folder / "server.log").read_text()
-        kill = kill_loop(store, naturals, folder, kills, args.seed)
-    summary = {
-        "command": "python bench/hostile.py" + (" --quick" if args.quick else ""),
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}",
+
+def attack_stages(folder: Path, kills: int, seed: int) -> dict[str, Any]:
+    """Stages 1-3: the attack matrix and fault injection on ``serve all``, then the kill -9 loop."""
+    store, naturals = build_store(folder)
+    server = Server(store, folder / "journal.sqlite3", naturals, folder / "server.log")
+    tally = Tally()
+    try:
+        from neurotwin.client.closed_loop import ClosedLoopClient
+
+        with ClosedLoopClient(f"127.0.0.1:{server.port}", timeout=60, retries=0) as client:
+            sid = client.create_session(neuron_count=NEURONS, population_size=4, seed=1).session_id
+            generation = client.ask(sid, omit_images=True)
+        run_matrix(server, tally, sid, generation.generation, generation.stimulus_ids)
+        fault_injection(server, tally, sid)
+    finally:
+        server.stop()
+        server_log = (folder / "server.log").read_text()
+    kill = kill_loop(store, naturals, folder, kills, seed)
+    return {
         "inputs_tried": tally.tried,
         "outcomes": dict(tally.outcomes),
         "crashes": tally.outcomes["crash"],
@@ -500,17 +554,19 @@ def main(argv: list[str] | None = None) -> int:
         "corrupted": kill.corrupted,
         "count_mismatches": kill.count_mismatch,
         "restart_seconds_median": float(np.median(kill.restarts_seconds)) if kill.restarts_seconds else 0.0,
-        "seconds": round(time.monotonic() - started, 1),
     }
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    bad = (
-        summary["crashes"] or summary["hangs"] or summary["wrong_answers"] or kill.lost or kill.double_counted
-    )
-    return 1 if bad or kill.corrupted or kill.count_mismatch else 0
+
+
+def reload_under_load(folder: Path, clients: int, hold: float) -> ReloadReport:
+    """Stage 4: ``serve predictor`` polling its store while valid, corrupt and NaN versions arrive."""
+    store = build_reload_store(folder)
+    log = folder / "reload-server.log"
+    journal = folder / "reload-journal.sqlite3"
+    server = Server(store, journal, folder, log, services="predictor", poll_seconds=0.1, metrics=True)
+    try:
+        return reload_stage(server, store, clients, hold)
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import logging
+import re
 import socket
 import ssl
 import subprocess
@@ -394,15 +396,24 @@ def test_http_metrics(served: GrpcServer) -> None:
     )
 
 
-def test_internal_error_hides_detail(store: tuple[Path, ModelVersion]) -> None:
+def test_internal_error_hides_detail(
+    store: tuple[Path, ModelVersion], caplog: pytest.LogCaptureFixture
+) -> None:
     with predictor_server(store[0], server={"http_port": 0}) as (server, manager):
 
         def broken(images: np.ndarray) -> np.ndarray:
             raise RuntimeError("secret internal detail")
 
         manager.get("tiny").batcher.run_fn = broken
-        status, _, body = call(server, "/v2/models/tiny/infer", infer_json(random_images(1, seed=1)))
-        assert status == 500 and json.loads(body) == {"error": "internal error"}
+        with caplog.at_level(logging.ERROR, logger="neurotwin.server.statuses"):
+            status, _, body = call(server, "/v2/models/tiny/infer", infer_json(random_images(1, seed=1)))
+    # As over gRPC: only "internal error" and an id, which the server logs once with the traceback.
+    assert status == 500, body
+    reply = re.fullmatch(r"internal error \(id ([0-9a-f]{12})\)", json.loads(body)["error"])
+    assert reply is not None, body
+    logged = [r for r in caplog.records if reply.group(1) in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+    assert "secret internal detail" in caplog.text
 
 
 def test_timeout_parameter_queue_full_and_drain(store: tuple[Path, ModelVersion]) -> None:

@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
 from neurotwin.errors import InvalidInput, NeurotwinError
-from neurotwin.server.statuses import status_for
+from neurotwin.server.statuses import report, status_for
 
 if TYPE_CHECKING:
     from neurotwin.server.common import GrpcServer
@@ -91,8 +91,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    # Starlette re-raises after answering; the gate logs the traceback.
-    return error_response(500, "internal error")
+    # Logged here under a fresh id (the same id the client gets); Starlette re-raises after answering,
+    # and the gate, seeing the answer already sent, does not log it twice.
+    _, message = report(exc, f"HTTP {request.method} {request.url.path}")
+    return error_response(500, message)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -177,10 +179,10 @@ class _Gate:
                 server.call_started()
             try:
                 await self.app(scope, receive, send_and_record)
-            except Exception:
-                log.exception("%s %s failed", scope["method"], path)
+            except Exception as exc:
                 if not status[0]:
-                    await error_response(500, "internal error")(scope, receive, send_and_record)
+                    _, message = report(exc, f"HTTP {scope['method']} {path}")
+                    await error_response(500, message)(scope, receive, send_and_record)
             finally:
                 if counted:
                     server.call_finished()

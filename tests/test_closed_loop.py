@@ -230,6 +230,8 @@ def test_bad_sessions_are_refused(served: Served, natural_zip: Path) -> None:
         ({"natural_images": [b"not an image"]}, InvalidInput, "not a decodable image"),
         ({"image_format": "gif"}, InvalidInput, "image_format"),
         ({"session_id": "bad id!"}, InvalidInput, "session_id"),
+        ({"session_id": ".."}, InvalidInput, "needs a letter"),
+        ({"session_id": "."}, InvalidInput, "needs a letter"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):

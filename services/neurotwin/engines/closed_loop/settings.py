@@ -158,6 +158,9 @@ def session_id_or_new(session_id: str) -> str:
     session_id = session_id or secrets.token_hex(8)
     if not SESSION_ID.match(session_id):
         raise InvalidInput(f"session_id {session_id!r}: 1-64 letters, digits, '.', '_' or '-'")
+    if not session_id.strip("."):
+        # "." and ".." name folders in paths and URLs (export files, the dashboard's /ui/sessions/ID).
+        raise InvalidInput(f"session_id {session_id!r}: needs a letter, digit, '_' or '-'")
     return session_id
 
 

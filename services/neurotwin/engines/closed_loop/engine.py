@@ -9,9 +9,9 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -77,6 +77,9 @@ from neurotwin.store import ModelStore
 log = logging.getLogger(__name__)
 
 LOCK_STRIPES = 256
+
+
+T = TypeVar("T")
 
 
 class ClosedLoopEngine:
@@ -249,13 +252,19 @@ class ClosedLoopEngine:
 
     # -- Ask ----------------------------------------------------------------------------------------
     def ask(self, session_id: str, with_images: bool = True) -> Generation:
+        return self._on_session(session_id, lambda live: self._ask(live, with_images))
+
+    def _on_session(self, session_id: str, operation: Callable[[LiveSession], T]) -> T:
+        """Run ``operation`` on the session's live state under its lock, keeping that state true to the
+        journal: another replica's write (ConcurrentModification) reloads and retries, up to 3 times."""
         with self._session_lock(session_id):
             for attempt in range(3):
                 live = self._get_live(session_id)
                 try:
-                    return self._ask(live, with_images)
+                    return operation(live)
                 except ConcurrentModification:
-                    # Another replica proposed this generation first: reload and return theirs.
+                    # Another replica wrote this generation first: reload and retry (an Ask then
+                    # returns theirs).
                     self._evict(session_id)
                     if attempt == 2:
                         raise
@@ -371,22 +380,7 @@ class ClosedLoopEngine:
     def tell(
         self, session_id: str, generation: int, responses: Sequence[ToldResponse], partial: bool = False
     ) -> TellResult:
-        with self._session_lock(session_id):
-            for attempt in range(3):
-                live = self._get_live(session_id)
-                try:
-                    return self._tell(live, generation, responses, partial)
-                except ConcurrentModification:
-                    self._evict(session_id)
-                    if attempt == 2:
-                        raise
-                except (InvalidInput, FailedPrecondition):
-                    raise  # refused before anything changed: the loaded state is still right
-                except BaseException:
-                    # The optimizer may have moved without the journal: rebuild from the journal.
-                    self._evict(session_id)
-                    raise
-        raise AssertionError("unreachable")
+        return self._on_session(session_id, lambda live: self._tell(live, generation, responses, partial))
 
     def _tell(
         self, live: LiveSession, generation: int, responses: Sequence[ToldResponse], partial: bool
